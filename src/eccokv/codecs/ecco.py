@@ -1,0 +1,1 @@
+"""Ecco block codec (being written)."""

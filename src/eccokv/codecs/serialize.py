@@ -1,0 +1,151 @@
+"""The self-contained byte form of a `Compressed` object (format version 1).
+
+Layout (all integers little-endian):
+
+    magic  b"ECKV"                      4 bytes
+    format version (uint16)             2 bytes
+    reserved, zero (uint16)             2 bytes
+    header length H (uint32)            4 bytes
+    header: UTF-8 JSON, H bytes         {codec, shape, dtype, axis, meta, arrays:[{name,dtype,shape}]}
+    array payloads, in header order     raw C-order bytes
+    CRC-32 of everything above (uint32) 4 bytes
+
+Every field is validated before use; any inconsistency raises `CodecError` (a ValueError)
+naming what is wrong. The codec named in the header validates array sizes before a kernel
+touches them, so corrupt bytes never cause an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+
+from eccokv.codecs.base import DTYPE_BY_NAME, SUPPORTED_DTYPES, CodecError, Compressed
+
+MAGIC = b"ECKV"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHHI")
+_CRC = struct.Struct("<I")
+_ALLOWED_ARRAY_DTYPES = {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32",
+                         "int64", "float16", "float32", "float64"}
+MAX_HEADER = 1 << 24
+
+
+def _header(c: Compressed) -> bytes:
+    doc = {
+        "codec": c.codec_config,
+        "shape": list(c.shape),
+        "dtype": SUPPORTED_DTYPES[c.dtype],
+        "axis": c.axis,
+        "meta": c.meta,
+        "arrays": [
+            {"name": k, "dtype": str(a.dtype), "shape": list(a.shape)} for k, a in c.arrays.items()
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def serialized_size(c: Compressed) -> int:
+    """len(to_bytes(c)) without building the payload."""
+    return _PREFIX.size + len(_header(c)) + c.payload_nbytes + _CRC.size
+
+
+def to_bytes(c: Compressed) -> bytes:
+    head = _header(c)
+    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head)), head]
+    parts += [np.ascontiguousarray(a).tobytes() for a in c.arrays.values()]
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def from_bytes(b: bytes | bytearray | memoryview) -> Compressed:
+    """Parse and fully validate bytes from `to_bytes`; raises CodecError on any problem."""
+    if not isinstance(b, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, got {type(b).__name__}")
+    b = bytes(b)
+    if len(b) < _PREFIX.size + _CRC.size:
+        raise CodecError(f"data is too short to be eccokv compressed data ({len(b)} bytes)")
+    magic, version, reserved, hlen = _PREFIX.unpack_from(b, 0)
+    if magic != MAGIC:
+        raise CodecError(f"not eccokv compressed data (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CodecError(
+            f"format version mismatch: data is version {version}, this eccokv reads "
+            f"version {FORMAT_VERSION}"
+        )
+    (crc,) = _CRC.unpack_from(b, len(b) - _CRC.size)
+    if zlib.crc32(b[: -_CRC.size]) & 0xFFFFFFFF != crc:
+        raise CodecError("checksum mismatch: the compressed data is corrupt or truncated")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved}, expected 0")
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(b) - _CRC.size:
+        raise CodecError(f"header length {hlen} exceeds the data ({len(b)} bytes): truncated")
+    try:
+        doc = json.loads(b[_PREFIX.size : _PREFIX.size + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError(f"header is not valid JSON: {e}") from None
+    c = _parse_doc(doc, b, _PREFIX.size + hlen, len(b) - _CRC.size)
+    from eccokv.codecs import get
+
+    try:
+        codec = get(c.codec_config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"cannot build the codec named in the data: {e}") from None
+    codec.check_compatible(c)
+    codec.validate(c)
+    return c
+
+
+def _parse_doc(doc: Any, b: bytes, start: int, end: int) -> Compressed:
+    if not isinstance(doc, dict):
+        raise CodecError("header is not a JSON object")
+    for key in ("codec", "shape", "dtype", "axis", "meta", "arrays"):
+        if key not in doc:
+            raise CodecError(f"header lacks the field {key!r}")
+    codec, shape, dtype, axis, meta, arrays = (doc[k] for k in
+                                               ("codec", "shape", "dtype", "axis", "meta",
+                                                "arrays"))
+    if not isinstance(codec, dict) or not isinstance(codec.get("id"), str):
+        raise CodecError("header field 'codec' must be an object with a string 'id'")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CodecError(f"invalid shape {shape!r}")
+    if dtype not in DTYPE_BY_NAME:
+        raise CodecError(f"unsupported dtype {dtype!r}")
+    if not isinstance(axis, int) or not 0 <= axis < max(len(shape), 1):
+        raise CodecError(f"invalid axis {axis!r} for shape {shape}")
+    if not isinstance(meta, dict):
+        raise CodecError("header field 'meta' must be an object")
+    if not isinstance(arrays, list):
+        raise CodecError("header field 'arrays' must be a list")
+    out: dict[str, np.ndarray] = {}
+    pos = start
+    for spec in arrays:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise CodecError("array spec must be an object with a string 'name'")
+        name, adt, ashape = spec["name"], spec.get("dtype"), spec.get("shape")
+        if adt not in _ALLOWED_ARRAY_DTYPES:
+            raise CodecError(f"array {name!r} has unsupported dtype {adt!r}")
+        if not isinstance(ashape, list) or not all(_is_count(s) for s in ashape):
+            raise CodecError(f"array {name!r} has invalid shape {ashape!r}")
+        if name in out:
+            raise CodecError(f"array {name!r} appears twice")
+        nbytes = math.prod(ashape) * np.dtype(adt).itemsize
+        if pos + nbytes > end:
+            raise CodecError(
+                f"array {name!r} needs {nbytes} bytes but only {end - pos} remain: truncated"
+            )
+        out[name] = np.frombuffer(b, dtype=adt, count=math.prod(ashape), offset=pos).reshape(
+            ashape).copy()
+        pos += nbytes
+    if pos != end:
+        raise CodecError(f"{end - pos} unexpected trailing bytes after the arrays")
+    return Compressed(codec, tuple(shape), DTYPE_BY_NAME[dtype], axis, out, meta)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << 40)
