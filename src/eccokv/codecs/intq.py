@@ -1,0 +1,1 @@
+"""(intq: being written)."""
