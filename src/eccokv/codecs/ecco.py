@@ -1,1 +1,299 @@
-"""Ecco block codec (being written)."""
+"""Ecco fixed-rate block codec: `ecco4` (64 bytes / 128 values), `ecco3` (48), `ecco2` (32).
+
+Each group of 128 values along the codec axis becomes one fixed-size block that holds all
+its metadata, so bits/value is exactly 8*block_bytes/128 plus a per-tensor header, and
+every block decodes independently. Per group: a log-domain scale of the group's abs-max
+(the max itself is the last level, exact up to the scale step), the shared pattern of
+sorted levels with the smallest error after patching (S patterns learned offline), the
+shortest of H canonical Huffman codebooks, the codes, then exact 8-bit "patches" for the
+largest remaining errors in the bits Huffman saved. A group whose codes cannot fit uses
+an always-fits fixed-width mode, flagged in the block and counted in `stats()`.
+Byte-exact layout and the measurements behind the constants: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from eccokv.codecs import register
+from eccokv.codecs.base import Codec, CodecError, Compressed, Layout, make_compressed, to_rows
+from eccokv.codecs.ecco_profile import (
+    MAX_CODE_LEN,
+    Profile,
+    VariantTables,
+    default_profile,
+    lookup_tables,
+    register_tables,
+    resolve_profile,
+)
+from eccokv.entropy.huffman import decode_table, encode_table
+
+# Per-variant block constants (see docs/format.md for the measurements behind them).
+VARIANTS: dict[str, dict[str, int]] = {
+    "ecco4": {"block_bytes": 64, "scale_bits": 12, "scale_steps": 128},
+    "ecco3": {"block_bytes": 48, "scale_bits": 10, "scale_steps": 32},
+    "ecco2": {"block_bytes": 32, "scale_bits": 8, "scale_steps": 8},
+}
+GROUP_SIZE = 128
+POS_BITS = 7
+PATCH_BITS = POS_BITS + 8
+N_BUCKETS = 128
+_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _log2_int(n: int) -> int:
+    return max(0, int(n).bit_length() - 1)
+
+
+class _Tables:
+    """Kernel-ready arrays derived from one VariantTables."""
+
+    def __init__(self, t: VariantTables) -> None:
+        self.levels = np.ascontiguousarray(t.levels, dtype=np.float32)
+        S, NL = self.levels.shape
+        self.S, self.NL, self.H = S, NL, t.n_codebooks
+        self.levels_flat = self.levels.reshape(-1).copy()
+        lv = self.levels.astype(np.float64)
+        self.mids = np.ascontiguousarray((lv[:, 1:] + lv[:, :-1]) * 0.5)
+        self.levels64 = np.ascontiguousarray(lv)
+        self.lengths = np.ascontiguousarray(t.lengths.astype(np.int64))
+        self.codes = np.stack([encode_table(t.lengths[h]) for h in range(self.H)]).astype(
+            np.int64)
+        self.dtab = np.concatenate(
+            [decode_table(t.lengths[h], MAX_CODE_LEN) for h in range(self.H)])
+        # bucket error proxy: mean squared error to the nearest level over each bucket
+        sub = 8
+        edges = -1.0 + (np.arange(N_BUCKETS * sub) + 0.5) * (2.0 / (N_BUCKETS * sub))
+        d = (edges[None, :, None] - lv[:, None, :]) ** 2  # (S, B*sub, NL)
+        err = d.min(axis=2).reshape(S, N_BUCKETS, sub).mean(axis=2)
+        self.errtab = np.ascontiguousarray(err.T)  # (B, S)
+        self.pattern_bits = _log2_int(S)
+        self.codebook_bits = _log2_int(self.H)
+
+
+_PTAB = (np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float64) / 127.0).astype(
+    np.float32)
+
+
+@register
+class EccoCodec(Codec):
+    """The Ecco block codec (see module docstring). Config keys:
+
+    variant: "ecco4" | "ecco3" | "ecco2"; profile: "default", a profile file path, or a
+    Profile; candidates: patterns tried exactly per group (ranked by a histogram proxy);
+    patch_order: "error" (largest remaining error first) or "magnitude" (paper).
+    """
+
+    codec_id = "ecco"
+
+    def __init__(self, variant: str = "ecco4", profile: str | Profile | None = "default",
+                 candidates: int = 4, patch_order: str = "error",
+                 profile_hash: str | None = None, group_size: int = GROUP_SIZE,
+                 **block: Any) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Ecco variant {variant!r}; choose from {sorted(VARIANTS)}")
+        if group_size != GROUP_SIZE:
+            raise ValueError(f"Ecco blocks hold exactly {GROUP_SIZE} values, got {group_size}")
+        params = dict(VARIANTS[variant])
+        for k, v in block.items():
+            if k not in params:
+                raise TypeError(f"unknown Ecco option {k!r}")
+            if v != params[k]:
+                raise ValueError(f"{variant} has {k}={params[k]}, not {v}")
+        if not isinstance(candidates, int) or not 1 <= candidates <= 256:
+            raise ValueError(f"candidates must be an int in 1..256, got {candidates!r}")
+        if patch_order not in ("error", "magnitude"):
+            raise ValueError(f"patch_order must be 'error' or 'magnitude', got {patch_order!r}")
+        self.variant = variant
+        self.block_bytes = params["block_bytes"]
+        self.scale_bits = params["scale_bits"]
+        self.scale_steps = params["scale_steps"]
+        self.candidates = candidates
+        self.patch_order = patch_order
+        if profile is None:
+            if profile_hash is None:
+                raise ValueError("give a profile (or a profile_hash of registered tables)")
+            self.profile_source: str | None = None
+            tables = lookup_tables(profile_hash)
+        else:
+            prof = resolve_profile(profile)
+            self.profile_source = prof.source
+            tables = prof.tables(variant)
+            if profile_hash is not None and tables.hash != profile_hash:
+                raise CodecError(
+                    f"wrong Ecco profile: expected {variant} tables {profile_hash}, "
+                    f"{prof.source or 'the given profile'} has {tables.hash}"
+                )
+        self.tables = tables
+        self.profile_hash = tables.hash
+        self.t = _Tables(tables)
+        self.block_bits = 8 * self.block_bytes
+        self.words = self.block_bytes // 8
+        self.header_bits = 2 + self.scale_bits + self.t.pattern_bits + self.t.codebook_bits
+        self.fallback_bits = max(1, (self.block_bits - self.header_bits) // GROUP_SIZE)
+        self._lock = threading.Lock()
+        self._stats = {"blocks": 0, "fallback_blocks": 0, "zero_blocks": 0}
+
+    # -- config -------------------------------------------------------------------------
+    @property
+    def _embed_profile(self) -> bool:
+        dflt = default_profile().variants.get(self.variant)
+        return dflt is None or dflt.hash != self.profile_hash
+
+    def get_config(self) -> dict[str, Any]:
+        src = self.profile_source
+        return {
+            "id": self.codec_id,
+            "variant": self.variant,
+            "group_size": GROUP_SIZE,
+            "profile": src if src is not None else None,
+            "profile_hash": self.profile_hash,
+            "candidates": self.candidates,
+            "patch_order": self.patch_order,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EccoCodec:
+        cfg = dict(config)
+        cfg.pop("id", None)
+        h = cfg.get("profile_hash")
+        ref = cfg.get("profile", "default")
+        if h is not None and ref not in (None, "default"):
+            # data from elsewhere: prefer tables already known by hash over a path that
+            # may not exist on this machine
+            try:
+                lookup_tables(h)
+                cfg["profile"] = None
+            except CodecError:
+                pass
+        return cls(**cfg)
+
+    @staticmethod
+    def prepare(c: Compressed) -> None:
+        """Register a profile embedded in `c` (non-default profiles travel with the data)."""
+        if "profile_levels" in c.arrays and "profile_lengths" in c.arrays:
+            try:
+                t = VariantTables(np.ascontiguousarray(c.arrays["profile_levels"]),
+                                  np.ascontiguousarray(c.arrays["profile_lengths"]))
+            except ValueError as e:
+                raise CodecError(f"embedded Ecco profile is invalid: {e}") from None
+            if t.hash != c.codec_config.get("profile_hash"):
+                raise CodecError("embedded Ecco profile does not match the data's profile hash")
+            register_tables(t)
+
+    def check_compatible(self, c: Compressed) -> None:
+        cfg = c.codec_config
+        if cfg.get("id") != self.codec_id or cfg.get("variant") != self.variant:
+            raise CodecError(f"data is {cfg.get('id')}/{cfg.get('variant')}, codec is "
+                             f"{self.codec_id}/{self.variant}")
+        if cfg.get("profile_hash") != self.profile_hash:
+            raise CodecError(
+                f"wrong Ecco profile: data was encoded with profile {cfg.get('profile_hash')}, "
+                f"this codec uses {self.profile_hash}"
+            )
+
+    def stats(self) -> dict[str, Any]:
+        s = dict(self._stats)
+        s["fallback_rate"] = s["fallback_blocks"] / max(1, s["blocks"])
+        return s
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for k in self._stats:
+                self._stats[k] = 0
+
+    # -- arrays -------------------------------------------------------------------------
+    def expected_arrays(self, c: Compressed) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        lay = Layout(c.shape, c.axis, GROUP_SIZE)
+        exp: dict[str, tuple[Any, tuple[int, ...]]] = {
+            "blocks": (np.uint64, (lay.nblocks * self.words + 1,)),
+            "tscale": (np.float32, (1,)),
+        }
+        if "profile_levels" in c.arrays:
+            exp["profile_levels"] = (np.float32, (self.t.S, self.t.NL))
+            exp["profile_lengths"] = (np.uint8, (self.t.H, self.t.NL))
+        return exp
+
+    def validate(self, c: Compressed) -> None:
+        super().validate(c)
+        ts = float(c.arrays["tscale"][0])
+        if not (math.isfinite(ts) and ts >= 0.0):
+            raise CodecError(f"invalid per-tensor scale {ts}")
+
+    def scale_table(self, tscale: float) -> np.ndarray:
+        """float32 group scales for every scale code; code 0 is the all-zero group."""
+        smax = (1 << self.scale_bits) - 1
+        s = np.arange(smax + 1, dtype=np.float64)
+        tab = (float(tscale) * np.exp2((s - smax) / self.scale_steps)).astype(np.float32)
+        tab[0] = 0.0
+        return tab
+
+    # -- encode -------------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor, shape: tuple[int, ...], axis: int) -> Compressed:
+        from eccokv.kernels.ecco_numba import encode_blocks
+
+        lay = Layout(shape, axis, GROUP_SIZE)
+        tscale = float(x.abs().max()) if x.numel() else 0.0
+        words = np.zeros(lay.nblocks * self.words + 1, dtype=np.uint64)
+        fallback = np.zeros(lay.nblocks, dtype=np.uint8)
+        if lay.nblocks:
+            groups = to_rows(x, lay)
+            nvalid_last = lay.length - (lay.ngroups - 1) * GROUP_SIZE
+            t = self.t
+            encode_blocks(
+                groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.lengths, t.codes,
+                t.errtab, N_BUCKETS, self.scale_table(tscale), np.float64(tscale),
+                np.float64(self.scale_steps), self.scale_bits, t.pattern_bits,
+                t.codebook_bits, self.fallback_bits, POS_BITS, self.block_bits,
+                self.candidates, self.patch_order == "error", words, fallback,
+            )
+            with self._lock:
+                self._stats["blocks"] += lay.nblocks
+                self._stats["fallback_blocks"] += int(fallback.sum())
+                self._stats["zero_blocks"] += int(
+                    np.count_nonzero((words[:-1].reshape(-1, self.words)[:, 0] >> 2)
+                                     & ((1 << self.scale_bits) - 1) == 0))
+        arrays = {"blocks": words, "tscale": np.array([tscale], dtype=np.float32)}
+        if self._embed_profile:
+            arrays["profile_levels"] = self.tables.levels
+            arrays["profile_lengths"] = self.tables.lengths
+        return make_compressed(self, shape, x.dtype, axis, arrays)
+
+    # -- decode -------------------------------------------------------------------------
+    def _decode(self, c: Compressed, out: torch.Tensor) -> None:
+        from eccokv.kernels.ecco_numba import decode_blocks_fast
+
+        lay = Layout(c.shape, c.axis, GROUP_SIZE)
+        target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+        kind = _DTYPE_KIND[target.dtype]
+        flat = target.view(-1)
+        arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
+        bad = np.zeros(lay.nblocks, dtype=np.uint8)
+        t = self.t
+        decode_blocks_fast(
+            c.arrays["blocks"], lay.nblocks, self.block_bits, self.scale_bits, t.pattern_bits,
+            t.codebook_bits, self.fallback_bits, POS_BITS, t.levels_flat, t.NL,
+            t.dtab, self.scale_table(float(c.arrays["tscale"][0])), _PTAB,
+            lay.length, lay.ngroups, lay.suffix, arr, kind, bad,
+        )
+        nbad = int(bad.sum())
+        if nbad:
+            first = int(np.flatnonzero(bad)[0])
+            raise CodecError(f"{nbad} of {lay.nblocks} Ecco blocks are corrupt (code stream "
+                             f"overruns the block; first bad block {first})")
+        if target is not out:
+            out.copy_(target)
+
+    # -- reference ----------------------------------------------------------------------
+    def decode_reference(self, c: Compressed) -> torch.Tensor:
+        """Readable numpy decoder (float32); the fast decoder must equal it bit for bit."""
+        from eccokv.kernels.ecco_reference import reference_decode
+
+        self.check_compatible(c)
+        self.validate(c)
+        return reference_decode(self, c)

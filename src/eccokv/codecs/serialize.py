@@ -90,8 +90,12 @@ def from_bytes(b: bytes | bytearray | memoryview) -> Compressed:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CodecError(f"header is not valid JSON: {e}") from None
     c = _parse_doc(doc, b, _PREFIX.size + hlen, len(b) - _CRC.size)
-    from eccokv.codecs import get
+    from eccokv.codecs import families, get
 
+    fam = families().get(c.codec_config["id"])
+    prepare = getattr(fam, "prepare", None)
+    if prepare is not None:
+        prepare(c)
     try:
         codec = get(c.codec_config)
     except (KeyError, TypeError, ValueError) as e:

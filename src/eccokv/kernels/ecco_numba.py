@@ -1,0 +1,538 @@
+"""numba kernels for the Ecco block codec: parallel encoder and table-driven decoder.
+
+Block layout (docs/format.md): a block is `W` little-endian uint64 words, bits LSB-first.
+header = mode(1) | sign(1) | scale code(SB) | pattern(PB) | codebook(CB), then either
+  mode 0: G Huffman codes, then as many patches (pos(PS) | int8 value(8)) as fit;
+  mode 1 (always fits): G fixed-width codes of FB bits on a uniform grid, then patches.
+Decoded value = level * sgs where sgs = +/- scale_table[code]; patches = ptab[q] * sgs.
+
+Callers validate every array length before calling (numba does not bounds-check); the
+decoder additionally only reads inside [block, block + W] words and flags blocks whose
+code stream overruns the block (corrupt data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+U64 = np.uint64
+_ONE = np.uint64(1)
+
+
+@njit(inline="always", cache=True)
+def _put(words, base, pos, val, n):
+    """OR the low `n` bits of `val` into the bit stream at bit `pos` (n <= 57)."""
+    wi = base + (pos >> 6)
+    off = np.uint64(pos & 63)
+    v = np.uint64(val) & ((np.uint64(1) << np.uint64(n)) - np.uint64(1))
+    words[wi] |= v << off
+    if (pos & 63) + n > 64:
+        words[wi + 1] |= v >> (np.uint64(64) - off)
+
+
+@njit(inline="always", cache=True)
+def _peek64(words, base, pos):
+    """64 bits starting at bit `pos` of the stream that starts at word `base`."""
+    wi = base + (pos >> 6)
+    off = np.uint64(pos & 63)
+    lo = words[wi] >> off
+    hi = (words[wi + 1] << np.uint64(1)) << (np.uint64(63) - off)
+    return lo | hi
+
+
+# ----------------------------------------------------------------------------- encoder
+
+@njit(inline="always", cache=True)
+def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
+    """Cheapest error increase per saved bit moving vj from level k to a neighbour with a
+    shorter code (inf if none); the neighbour goes to tgt[0]."""
+    best = np.inf
+    lk = lengths[h, k]
+    for kk in (k - 1, k + 1):
+        if kk < 0 or kk >= NL:
+            continue
+        dl = lk - lengths[h, kk]
+        if dl <= 0:
+            continue
+        e = vj - levels[p, kk]
+        r = (e * e - e2) / dl
+        if r < best:
+            best = r
+            tgt[0] = kk
+    return best
+
+
+
+@njit(cache=True, parallel=True)
+def encode_blocks(
+    groups, nvalid_last, ngroups, levels, mids, lengths, codes, errtab, nbuckets,
+    scale_table, tscale, scale_steps, sb, pb, cb, fb, ps, block_bits, ncand, patch_by_error,
+    words, fallback,
+):
+    """Encode float32 groups (nb, g) into `words` (nb * W + 1 uint64, zeroed).
+
+    nvalid_last: valid values in the last group of each row (1..g); ngroups: groups per
+    row. levels (S, NL) sorted with levels[:, NL-1] == 1; mids (S, NL-1) midpoints;
+    lengths/codes (H, NL) Huffman lengths and LSB-first codes; errtab (B, S) bucket error
+    proxies for candidate selection. fallback (nb,) uint8 output: 1 where mode 1 fired.
+    """
+    nb, g = groups.shape
+    S, NL = levels.shape
+    H = lengths.shape[0]
+    W = block_bits // 64
+    smax = (1 << sb) - 1
+    hdr = 2 + sb + pb + cb
+    pbits = ps + 8
+    log2 = np.log(2.0)
+    for b in prange(nb):
+        x = groups[b]
+        nv = g
+        if (b % ngroups) == ngroups - 1:
+            nv = nvalid_last
+        base = b * W
+        amax = 0.0
+        imax = 0
+        for j in range(nv):
+            a = abs(x[j])
+            if a > amax:
+                amax = a
+                imax = j
+        if amax == 0.0:
+            continue  # scale code 0: an all-zero group; the block stays zero
+        neg = x[imax] < 0
+        s = int(np.round(scale_steps * np.log(amax / tscale) / log2)) + smax
+        s = max(1, min(smax, s))
+        gs = np.float64(scale_table[s])
+        if gs == 0.0:
+            s = smax
+            gs = np.float64(scale_table[s])
+        inv = 1.0 / gs
+        if neg:
+            inv = -inv
+        v = np.empty(g, np.float64)
+        for j in range(g):
+            v[j] = x[j] * inv if j < nv else 0.0
+        # candidate patterns by a histogram proxy of the squared error
+        hist = np.zeros(nbuckets, np.int32)
+        for j in range(nv):
+            bk = int((v[j] + 1.0) * 0.5 * nbuckets)
+            bk = max(0, min(nbuckets - 1, bk))
+            hist[bk] += 1
+        approx = np.zeros(S, np.float64)
+        for bk in range(nbuckets):
+            h = hist[bk]
+            if h:
+                for p in range(S):
+                    approx[p] += h * errtab[bk, p]
+        order = np.argsort(approx)
+        best_err = np.inf
+        best_p = -1
+        best_h = 0
+        best_len = 0
+        sym = np.empty(g, np.int64)
+        best_sym = np.empty(g, np.int64)
+        err2 = np.empty(g, np.float64)
+        cnt = np.zeros(NL, np.int64)
+        ratio = np.empty(g, np.float64)
+        target = np.zeros(g, np.int64)
+        for ci in range(min(ncand, S)):
+            p = order[ci]
+            cnt[:] = 0
+            tot = 0.0
+            for j in range(g):
+                if j < nv:
+                    vj = v[j]
+                    k = 0
+                    for t in range(NL - 1):
+                        if vj > mids[p, t]:
+                            k += 1
+                    e = vj - levels[p, k]
+                    err2[j] = e * e
+                    tot += e * e
+                else:
+                    # padding: the level nearest 0, no error counted
+                    k = 0
+                    for t in range(NL - 1):
+                        if mids[p, t] < 0.0:
+                            k += 1
+                    err2[j] = 0.0
+                sym[j] = k
+                cnt[k] += 1
+            hbest = 0
+            lbest = 1 << 30
+            for hh in range(H):
+                ln = 0
+                for k in range(NL):
+                    ln += cnt[k] * lengths[hh, k]
+                if ln < lbest:
+                    lbest = ln
+                    hbest = hh
+            used = hdr + lbest
+            if used > block_bits:
+                # rate-distortion trimming: move values to a neighbouring level with a
+                # shorter code, cheapest error increase per saved bit first, until it fits
+                excess = used - block_bits
+                for j in range(nv):
+                    ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p, hbest,
+                                           NL, target[j:j + 1])
+                while excess > 0:
+                    bj = np.argmin(ratio[:nv]) if nv > 0 else 0
+                    if nv == 0 or ratio[bj] == np.inf:
+                        break
+                    k = sym[bj]
+                    bk = target[bj]
+                    excess -= lengths[hbest, k] - lengths[hbest, bk]
+                    cnt[k] -= 1
+                    cnt[bk] += 1
+                    sym[bj] = bk
+                    e = v[bj] - levels[p, bk]
+                    tot += e * e - err2[bj]
+                    err2[bj] = e * e
+                    ratio[bj] = _move_ratio(v[bj], bk, err2[bj], levels, lengths, p, hbest,
+                                            NL, target[bj:bj + 1])
+                if excess > 0:
+                    continue
+                lbest = block_bits - hdr + excess
+                used = hdr + lbest
+            npatch = (block_bits - used) // pbits
+            # error left after patching the npatch largest errors
+            if npatch > 0:
+                tmp = err2.copy()
+                for _ in range(min(npatch, nv)):
+                    jm = np.argmax(tmp)
+                    tot -= tmp[jm]
+                    tmp[jm] = -1.0
+            if tot < best_err:
+                best_err = tot
+                best_p = p
+                best_h = hbest
+                best_len = lbest
+                best_sym[:] = sym
+        sign_bit = 1 if neg else 0
+        if best_p >= 0:
+            pos = 0
+            _put(words, base, pos, 0, 1)
+            _put(words, base, 1, sign_bit, 1)
+            _put(words, base, 2, s, sb)
+            _put(words, base, 2 + sb, best_p, pb)
+            _put(words, base, 2 + sb + pb, best_h, cb)
+            pos = hdr
+            for j in range(g):
+                k = best_sym[j]
+                _put(words, base, pos, codes[best_h, k], lengths[best_h, k])
+                pos += lengths[best_h, k]
+            for j in range(g):
+                if j < nv:
+                    e = v[j] - levels[best_p, best_sym[j]]
+                    err2[j] = e * e if patch_by_error else (
+                        v[j] * v[j] if best_sym[j] != NL - 1 else -0.5)
+                else:
+                    err2[j] = -1.0
+        else:
+            fallback[b] = 1
+            _put(words, base, 0, 1, 1)
+            _put(words, base, 1, sign_bit, 1)
+            _put(words, base, 2, s, sb)
+            pos = hdr
+            top = (1 << fb) - 1
+            for j in range(g):
+                q = 0
+                if j < nv:
+                    q = int(np.round((v[j] + 1.0) * 0.5 * top))
+                    q = max(0, min(top, q))
+                    lv = -1.0 + 2.0 * q / top
+                    e = v[j] - lv
+                    err2[j] = e * e
+                else:
+                    err2[j] = -1.0
+                _put(words, base, pos, q, fb)
+                pos += fb
+        # patches: largest remaining error first; spare slots repeat the last patch
+        npatch = (block_bits - pos) // pbits
+        lastj = 0
+        lastq = 0
+        for t in range(npatch):
+            jm = np.argmax(err2)
+            if err2[jm] >= 0.0:
+                lastj = jm
+                q = int(np.round(v[jm] * 127.0))
+                lastq = max(-127, min(127, q))
+                err2[jm] = -1.0
+            _put(words, base, pos, lastj, ps)
+            _put(words, base, pos + ps, lastq & 255, 8)
+            pos += pbits
+        _ = best_len
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+@njit(inline="always", cache=True)
+def _f32_to_bf16(u):
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint32(16))
+
+
+@njit(inline="always", cache=True)
+def _f32_to_f16(u):
+    """IEEE round-to-nearest-even float32 bits -> float16 bits, saturating at +/-65504."""
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    e = np.int64((u >> np.uint32(23)) & np.uint32(0xFF))
+    m = np.uint32(u & np.uint32(0x7FFFFF))
+    ne = e - 127 + 15
+    if ne >= 31:
+        return np.uint16(sign | np.uint32(0x7BFF))
+    if ne <= 0:
+        shift = 14 - ne
+        if shift > 24:
+            return np.uint16(sign)
+        mm = m | np.uint32(0x800000)
+        h = mm >> np.uint32(shift)
+        rem = mm & ((np.uint32(1) << np.uint32(shift)) - np.uint32(1))
+        half = np.uint32(1) << np.uint32(shift - 1)
+        if rem > half or (rem == half and (h & np.uint32(1))):
+            h += np.uint32(1)
+        return np.uint16(sign | h)
+    h = (np.uint32(ne) << np.uint32(10)) | (m >> np.uint32(13))
+    rem = m & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (h & np.uint32(1))):
+        h += np.uint32(1)
+    if h >= np.uint32(0x7C00):
+        h = np.uint32(0x7BFF)
+    return np.uint16(sign | h)
+
+
+@njit(inline="always", cache=True)
+def _decode_one(words, base, block_bits, sb, pb, cb, fb, ps, maxlen, levels_flat, NL,
+                dtab, scale_table, ptab, g, buf):
+    """Decode one block into buf[0:g]; returns 1 if the code stream overran the block."""
+    w0 = words[base]
+    mode = np.int64(w0 & _ONE)
+    neg = np.int64((w0 >> _ONE) & _ONE)
+    smask = (np.uint64(1) << np.uint64(sb)) - _ONE
+    s = np.int64((w0 >> np.uint64(2)) & smask)
+    if s == 0:
+        for j in range(g):
+            buf[j] = np.float32(0.0)
+        return 0
+    sgs = scale_table[s]
+    if neg:
+        sgs = -sgs
+    hdr = 2 + sb + pb + cb
+    pos = hdr
+    if mode == 0:
+        p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
+        h = np.int64((w0 >> np.uint64(2 + sb + pb)) & ((np.uint64(1) << np.uint64(cb)) - _ONE))
+        loff = p * NL
+        toff = h << maxlen
+        tmask = (np.uint64(1) << np.uint64(maxlen)) - _ONE
+        per = 64 // maxlen
+        j = 0
+        while j < g:
+            bits = _peek64(words, base, min(pos, block_bits - 1))
+            n = min(per, g - j)
+            for _ in range(n):
+                e = dtab[toff + np.int64(bits & tmask)]
+                ln = np.int64(e >> 4)
+                buf[j] = levels_flat[loff + np.int64(e & 15)] * sgs
+                bits >>= np.uint64(ln)
+                pos += ln
+                j += 1
+        if pos > block_bits:
+            return 1
+    else:
+        top = (1 << fb) - 1
+        fmask = (np.uint64(1) << np.uint64(fb)) - _ONE
+        for j in range(g):
+            q = np.int64(_peek64(words, base, pos) & fmask)
+            buf[j] = np.float32(-1.0 + 2.0 * q / top) * sgs
+            pos += fb
+    pbits = ps + 8
+    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
+    while pos + pbits <= block_bits:
+        bits = _peek64(words, base, pos)
+        jp = np.int64(bits & pmask)
+        q = np.int64((bits >> np.uint64(ps)) & np.uint64(255))
+        if jp < g:
+            buf[jp] = ptab[q] * sgs
+        pos += pbits
+    return 0
+
+
+@njit(cache=True, parallel=True)
+def decode_blocks(words, nb, block_bits, sb, pb, cb, fb, ps, maxlen, levels_flat, NL, dtab,
+                  scale_table, ptab, g, length, ngroups, suffix, out, kind, bad):
+    """Decode nb blocks straight into the flat output `out` (float32 if kind == 0, else the
+    uint16 bits of bf16 (kind 1) or fp16 (kind 2)), honouring the grouping layout.
+
+    Block b = m * ngroups + gi covers row m's values gi*g.. (at stride `suffix` in out).
+    bad (nb,) uint8 is set to 1 for blocks whose code stream overruns the block.
+    """
+    W = block_bits // 64
+    chunk = 4
+    nchunks = (nb + chunk - 1) // chunk
+    for c in prange(nchunks):
+        buf = np.empty(g, np.float32)
+        ubuf = buf.view(np.uint32)
+        for b in range(c * chunk, min(nb, c * chunk + chunk)):
+            bad[b] = _decode_one(words, b * W, block_bits, sb, pb, cb, fb, ps, maxlen,
+                                 levels_flat, NL, dtab, scale_table, ptab, g, buf)
+            m = b // ngroups
+            gi = b - m * ngroups
+            pre = m // suffix
+            sfx = m - pre * suffix
+            start = gi * g
+            n = min(g, length - start)
+            off = pre * length * suffix + start * suffix + sfx
+            if kind == 0:
+                if suffix == 1:
+                    for j in range(n):
+                        out[off + j] = buf[j]
+                else:
+                    for j in range(n):
+                        out[off + j * suffix] = buf[j]
+            elif kind == 1:
+                for j in range(n):
+                    out[off + j * suffix] = _f32_to_bf16(ubuf[j])
+            else:
+                for j in range(n):
+                    out[off + j * suffix] = _f32_to_f16(ubuf[j])
+
+
+# ------------------------------------------------------------------ fast interleaved path
+
+
+@njit(inline="always", cache=True)
+def _huff8(words, base, pos, toff, dtab, levels_flat, loff, sgs, buf, j0):
+    """Decode 8 symbols (max code length 8) from one 64-bit peek; returns the new pos.
+    All indices are unsigned: numba then skips its negative-index wraparound."""
+    wi = base + (pos >> np.uint64(6))
+    off = pos & np.uint64(63)
+    bits = (words[wi] >> off) | ((words[wi + _ONE] << _ONE) << (np.uint64(63) - off))
+    for t in range(8):
+        e = dtab[toff + (bits & np.uint64(255))]
+        buf[j0 + np.uint64(t)] = levels_flat[loff + np.uint64(e & np.uint16(15))] * sgs
+        ln = np.uint64(e >> np.uint16(4))
+        bits >>= ln
+        pos += ln
+    return pos
+
+
+@njit(inline="always", cache=True)
+def _hdr(words, base, sb, pb, cb, NL, scale_table):
+    """(mode, scale code, level offset, table offset, signed scale) of one block."""
+    w0 = words[base]
+    mode = np.int64(w0 & _ONE)
+    s = np.int64((w0 >> np.uint64(2)) & ((np.uint64(1) << np.uint64(sb)) - _ONE))
+    p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
+    h = np.int64((w0 >> np.uint64(2 + sb + pb)) & ((np.uint64(1) << np.uint64(cb)) - _ONE))
+    sgs = scale_table[s]
+    if (w0 >> _ONE) & _ONE:
+        sgs = -sgs
+    return mode, s, np.uint64(p * NL), np.uint64(h << 8), sgs
+
+
+@njit(inline="always", cache=True)
+def _patches(words, base, pos, block_bits, ps, ptab, sgs, buf, j0, g):
+    pbits = ps + 8
+    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
+    while pos + pbits <= block_bits:
+        bits = _peek64(words, base, pos)
+        jp = np.int64(bits & pmask)
+        if jp < g:
+            buf[j0 + jp] = ptab[np.int64((bits >> np.uint64(ps)) & np.uint64(255))] * sgs
+        pos += pbits
+
+
+@njit(inline="always", cache=True)
+def _store(buf, j0, ubuf, b, g, length, ngroups, suffix, out, kind):
+    m = b // ngroups
+    gi = b - m * ngroups
+    pre = m // suffix
+    sfx = m - pre * suffix
+    start = gi * g
+    n = min(g, length - start)
+    off = pre * length * suffix + start * suffix + sfx
+    if kind == 0:
+        if suffix == 1:
+            for j in range(n):
+                out[off + j] = buf[j0 + j]
+        else:
+            for j in range(n):
+                out[off + j * suffix] = buf[j0 + j]
+    elif kind == 1:
+        for j in range(n):
+            out[off + j * suffix] = _f32_to_bf16(ubuf[j0 + j])
+    else:
+        for j in range(n):
+            out[off + j * suffix] = _f32_to_f16(ubuf[j0 + j])
+
+
+@njit(cache=True, parallel=True)
+def decode_blocks_fast(words, nb, block_bits, sb, pb, cb, fb, ps, levels_flat, NL, dtab,
+                       scale_table, ptab, length, ngroups, suffix, out, kind, bad):
+    """Same contract as `decode_blocks` for group size 128 and max code length 8, decoding
+    four Huffman blocks side by side so their serial bit-stream chains overlap."""
+    g = 128
+    W = block_bits // 64
+    hdr = 2 + sb + pb + cb
+    nq = (nb + 3) // 4
+    nthreads = min(nq, 64 * 4)
+    per = (nq + nthreads - 1) // nthreads
+    for th in prange(nthreads):
+        buf = np.empty(4 * g, np.float32)
+        ubuf = buf.view(np.uint32)
+        for q in range(th * per, min(nq, (th + 1) * per)):
+            b0 = q * 4
+            if b0 + 4 <= nb:
+                m0, s0, l0, t0, g0 = _hdr(words, b0 * W, sb, pb, cb, NL, scale_table)
+                m1, s1, l1, t1, g1 = _hdr(words, (b0 + 1) * W, sb, pb, cb, NL, scale_table)
+                m2, s2, l2, t2, g2 = _hdr(words, (b0 + 2) * W, sb, pb, cb, NL, scale_table)
+                m3, s3, l3, t3, g3 = _hdr(words, (b0 + 3) * W, sb, pb, cb, NL, scale_table)
+                fast = (m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0 \
+                    and s3 != 0
+            else:
+                fast = False
+            if fast:
+                p0 = np.uint64(hdr)
+                p1 = np.uint64(hdr)
+                p2 = np.uint64(hdr)
+                p3 = np.uint64(hdr)
+                B0 = np.uint64(b0 * W)
+                B1 = B0 + np.uint64(W)
+                B2 = B1 + np.uint64(W)
+                B3 = B2 + np.uint64(W)
+                lim = np.uint64(block_bits - 1)
+                for r in range(16):
+                    j = np.uint64(r * 8)
+                    p0 = _huff8(words, B0, min(p0, lim), t0, dtab, levels_flat, l0, g0, buf, j)
+                    p1 = _huff8(words, B1, min(p1, lim), t1, dtab, levels_flat, l1, g1, buf,
+                                np.uint64(g) + j)
+                    p2 = _huff8(words, B2, min(p2, lim), t2, dtab, levels_flat, l2, g2, buf,
+                                np.uint64(2 * g) + j)
+                    p3 = _huff8(words, B3, min(p3, lim), t3, dtab, levels_flat, l3, g3, buf,
+                                np.uint64(3 * g) + j)
+                e0 = np.int64(p0)
+                e1 = np.int64(p1)
+                e2 = np.int64(p2)
+                e3 = np.int64(p3)
+                bad[b0] = e0 > block_bits
+                bad[b0 + 1] = e1 > block_bits
+                bad[b0 + 2] = e2 > block_bits
+                bad[b0 + 3] = e3 > block_bits
+                if e0 <= block_bits:
+                    _patches(words, b0 * W, e0, block_bits, ps, ptab, g0, buf, 0, g)
+                if e1 <= block_bits:
+                    _patches(words, (b0 + 1) * W, e1, block_bits, ps, ptab, g1, buf, g, g)
+                if e2 <= block_bits:
+                    _patches(words, (b0 + 2) * W, e2, block_bits, ps, ptab, g2, buf, 2 * g, g)
+                if e3 <= block_bits:
+                    _patches(words, (b0 + 3) * W, e3, block_bits, ps, ptab, g3, buf, 3 * g, g)
+                for i in range(4):
+                    _store(buf, i * g, ubuf, b0 + i, g, length, ngroups, suffix, out, kind)
+            else:
+                for b in range(b0, min(nb, b0 + 4)):
+                    bad[b] = _decode_one(words, b * W, block_bits, sb, pb, cb, fb, ps, 8,
+                                         levels_flat, NL, dtab, scale_table, ptab, g, buf)
+                    _store(buf, 0, ubuf, b, g, length, ngroups, suffix, out, kind)
