@@ -135,7 +135,9 @@ class EccoCodec(Codec):
         self.block_bits = 8 * self.block_bytes
         self.words = self.block_bytes // 8
         self.header_bits = 2 + self.scale_bits + self.t.pattern_bits + self.t.codebook_bits
-        self.fallback_bits = max(1, (self.block_bits - self.header_bits) // GROUP_SIZE)
+        # always-fits mode: fixed-width codes into a subset of the pattern's levels
+        self.fallback_bits = max(1, min((self.block_bits - self.header_bits) // GROUP_SIZE,
+                                        _log2_int(self.t.NL)))
         self._lock = threading.Lock()
         self._stats = {"blocks": 0, "fallback_blocks": 0, "zero_blocks": 0}
 

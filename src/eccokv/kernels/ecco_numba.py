@@ -230,20 +230,28 @@ def encode_blocks(
                 else:
                     err2[j] = -1.0
         else:
+            # always-fits mode: fixed-width codes indexing an evenly spaced subset of the
+            # best pattern's levels (which always includes the max level)
             fallback[b] = 1
+            p = order[0]
             _put(words, base, 0, 1, 1)
             _put(words, base, 1, sign_bit, 1)
             _put(words, base, 2, s, sb)
+            _put(words, base, 2 + sb, p, pb)
             pos = hdr
-            top = (1 << fb) - 1
+            nq = 1 << fb
             for j in range(g):
                 q = 0
                 if j < nv:
-                    q = int(np.round((v[j] + 1.0) * 0.5 * top))
-                    q = max(0, min(top, q))
-                    lv = -1.0 + 2.0 * q / top
-                    e = v[j] - lv
-                    err2[j] = e * e
+                    bq = 0
+                    be = np.inf
+                    for qq in range(nq):
+                        e = v[j] - levels[p, ((qq + 1) * NL >> fb) - 1]
+                        if e * e < be:
+                            be = e * e
+                            bq = qq
+                    q = bq
+                    err2[j] = be
                 else:
                     err2[j] = -1.0
                 _put(words, base, pos, q, fb)
@@ -342,11 +350,11 @@ def _decode_one(words, base, block_bits, sb, pb, cb, fb, ps, maxlen, levels_flat
         if pos > block_bits:
             return 1
     else:
-        top = (1 << fb) - 1
+        p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
         fmask = (np.uint64(1) << np.uint64(fb)) - _ONE
         for j in range(g):
             q = np.int64(_peek64(words, base, pos) & fmask)
-            buf[j] = np.float32(-1.0 + 2.0 * q / top) * sgs
+            buf[j] = levels_flat[p * NL + (((q + 1) * NL) >> fb) - 1] * sgs
             pos += fb
     pbits = ps + 8
     pmask = (np.uint64(1) << np.uint64(ps)) - _ONE

@@ -55,12 +55,12 @@ def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
         val = t.levels_flat[pattern * t.NL + sym] * sgs
         out[huff, j] = val[huff]
         pos[huff] += ln[huff]
-    # Always-fits mode: fixed-width codes on a uniform grid over [-1, 1].
+    # Always-fits mode: fixed-width codes q index an evenly spaced subset of the
+    # pattern's levels: level ((q + 1) * NL >> fb) - 1.
     fb = codec.fallback_bits
-    top = (1 << fb) - 1
     for j in range(g):
         q = _field(bits, pos, fb)
-        lv = (-1.0 + 2.0 * q / top).astype(np.float32)
+        lv = t.levels_flat[pattern * t.NL + (((q + 1) * t.NL) >> fb) - 1]
         out[~huff, j] = (lv * sgs)[~huff]
         pos[~huff] += fb
     overrun = (pos > codec.block_bits) & (scode != 0)

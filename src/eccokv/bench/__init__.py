@@ -1,0 +1,1 @@
+"""Benchmarks: codec rate/error/speed (more to come: attention, generation)."""
