@@ -85,192 +85,197 @@ def encode_blocks(
     hdr = 2 + sb + pb + cb
     pbits = ps + 8
     log2 = np.log(2.0)
-    for b in prange(nb):
-        x = groups[b]
-        nv = g
-        if (b % ngroups) == ngroups - 1:
-            nv = nvalid_last
-        base = b * W
-        amax = 0.0
-        imax = 0
-        for j in range(nv):
-            a = abs(x[j])
-            if a > amax:
-                amax = a
-                imax = j
-        if amax == 0.0:
-            continue  # scale code 0: an all-zero group; the block stays zero
-        neg = x[imax] < 0
-        s = int(np.round(scale_steps * np.log(amax / tscale) / log2)) + smax
-        s = max(1, min(smax, s))
-        gs = np.float64(scale_table[s])
-        if gs == 0.0:
-            s = smax
-            gs = np.float64(scale_table[s])
-        inv = 1.0 / gs
-        if neg:
-            inv = -inv
+    nchunks = min(nb, 256)
+    per = (nb + nchunks - 1) // nchunks
+    for ch in prange(nchunks):
+        # per-thread scratch, allocated once per chunk of blocks
         v = np.empty(g, np.float64)
-        for j in range(g):
-            v[j] = x[j] * inv if j < nv else 0.0
-        # candidate patterns by a histogram proxy of the squared error
         hist = np.zeros(nbuckets, np.int32)
-        for j in range(nv):
-            bk = int((v[j] + 1.0) * 0.5 * nbuckets)
-            bk = max(0, min(nbuckets - 1, bk))
-            hist[bk] += 1
         approx = np.zeros(S, np.float64)
-        for bk in range(nbuckets):
-            h = hist[bk]
-            if h:
-                for p in range(S):
-                    approx[p] += h * errtab[bk, p]
-        order = np.argsort(approx)
-        best_err = np.inf
-        best_p = -1
-        best_h = 0
-        best_len = 0
         sym = np.empty(g, np.int64)
         best_sym = np.empty(g, np.int64)
         err2 = np.empty(g, np.float64)
         cnt = np.zeros(NL, np.int64)
         ratio = np.empty(g, np.float64)
         target = np.zeros(g, np.int64)
-        for ci in range(min(ncand, S)):
-            p = order[ci]
-            cnt[:] = 0
-            tot = 0.0
+        for b in range(ch * per, min(nb, (ch + 1) * per)):
+            x = groups[b]
+            nv = g
+            if (b % ngroups) == ngroups - 1:
+                nv = nvalid_last
+            base = b * W
+            amax = 0.0
+            imax = 0
+            for j in range(nv):
+                a = abs(x[j])
+                if a > amax:
+                    amax = a
+                    imax = j
+            if amax == 0.0:
+                continue  # scale code 0: an all-zero group; the block stays zero
+            neg = x[imax] < 0
+            s = int(np.round(scale_steps * np.log(amax / tscale) / log2)) + smax
+            s = max(1, min(smax, s))
+            gs = np.float64(scale_table[s])
+            if gs == 0.0:
+                s = smax
+                gs = np.float64(scale_table[s])
+            inv = 1.0 / gs
+            if neg:
+                inv = -inv
             for j in range(g):
-                if j < nv:
-                    vj = v[j]
-                    k = 0
-                    for t in range(NL - 1):
-                        if vj > mids[p, t]:
-                            k += 1
-                    e = vj - levels[p, k]
-                    err2[j] = e * e
-                    tot += e * e
-                else:
-                    # padding: the level nearest 0, no error counted
-                    k = 0
-                    for t in range(NL - 1):
-                        if mids[p, t] < 0.0:
-                            k += 1
-                    err2[j] = 0.0
-                sym[j] = k
-                cnt[k] += 1
-            hbest = 0
-            lbest = 1 << 30
-            for hh in range(H):
-                ln = 0
-                for k in range(NL):
-                    ln += cnt[k] * lengths[hh, k]
-                if ln < lbest:
-                    lbest = ln
-                    hbest = hh
-            used = hdr + lbest
-            if used > block_bits:
-                # rate-distortion trimming: move values to a neighbouring level with a
-                # shorter code, cheapest error increase per saved bit first, until it fits
-                excess = used - block_bits
-                for j in range(nv):
-                    ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p, hbest,
-                                           NL, target[j:j + 1])
-                while excess > 0:
-                    bj = np.argmin(ratio[:nv]) if nv > 0 else 0
-                    if nv == 0 or ratio[bj] == np.inf:
-                        break
-                    k = sym[bj]
-                    bk = target[bj]
-                    excess -= lengths[hbest, k] - lengths[hbest, bk]
-                    cnt[k] -= 1
-                    cnt[bk] += 1
-                    sym[bj] = bk
-                    e = v[bj] - levels[p, bk]
-                    tot += e * e - err2[bj]
-                    err2[bj] = e * e
-                    ratio[bj] = _move_ratio(v[bj], bk, err2[bj], levels, lengths, p, hbest,
-                                            NL, target[bj:bj + 1])
-                if excess > 0:
-                    continue
-                lbest = block_bits - hdr + excess
+                v[j] = x[j] * inv if j < nv else 0.0
+            # candidate patterns by a histogram proxy of the squared error
+            hist[:] = 0
+            for j in range(nv):
+                bk = int((v[j] + 1.0) * 0.5 * nbuckets)
+                bk = max(0, min(nbuckets - 1, bk))
+                hist[bk] += 1
+            approx[:] = 0.0
+            for bk in range(nbuckets):
+                h = hist[bk]
+                if h:
+                    for p in range(S):
+                        approx[p] += h * errtab[bk, p]
+            order = np.argsort(approx)
+            best_err = np.inf
+            best_p = -1
+            best_h = 0
+            best_len = 0
+            for ci in range(min(ncand, S)):
+                p = order[ci]
+                cnt[:] = 0
+                tot = 0.0
+                for j in range(g):
+                    if j < nv:
+                        vj = v[j]
+                        k = 0
+                        for t in range(NL - 1):
+                            if vj > mids[p, t]:
+                                k += 1
+                        e = vj - levels[p, k]
+                        err2[j] = e * e
+                        tot += e * e
+                    else:
+                        # padding: the level nearest 0, no error counted
+                        k = 0
+                        for t in range(NL - 1):
+                            if mids[p, t] < 0.0:
+                                k += 1
+                        err2[j] = 0.0
+                    sym[j] = k
+                    cnt[k] += 1
+                hbest = 0
+                lbest = 1 << 30
+                for hh in range(H):
+                    ln = 0
+                    for k in range(NL):
+                        ln += cnt[k] * lengths[hh, k]
+                    if ln < lbest:
+                        lbest = ln
+                        hbest = hh
                 used = hdr + lbest
-            npatch = (block_bits - used) // pbits
-            # error left after patching the npatch largest errors
-            if npatch > 0:
-                tmp = err2.copy()
-                for _ in range(min(npatch, nv)):
-                    jm = np.argmax(tmp)
-                    tot -= tmp[jm]
-                    tmp[jm] = -1.0
-            if tot < best_err:
-                best_err = tot
-                best_p = p
-                best_h = hbest
-                best_len = lbest
-                best_sym[:] = sym
-        sign_bit = 1 if neg else 0
-        if best_p >= 0:
-            pos = 0
-            _put(words, base, pos, 0, 1)
-            _put(words, base, 1, sign_bit, 1)
-            _put(words, base, 2, s, sb)
-            _put(words, base, 2 + sb, best_p, pb)
-            _put(words, base, 2 + sb + pb, best_h, cb)
-            pos = hdr
-            for j in range(g):
-                k = best_sym[j]
-                _put(words, base, pos, codes[best_h, k], lengths[best_h, k])
-                pos += lengths[best_h, k]
-            for j in range(g):
-                if j < nv:
-                    e = v[j] - levels[best_p, best_sym[j]]
-                    err2[j] = e * e if patch_by_error else (
-                        v[j] * v[j] if best_sym[j] != NL - 1 else -0.5)
-                else:
-                    err2[j] = -1.0
-        else:
-            # always-fits mode: fixed-width codes indexing an evenly spaced subset of the
-            # best pattern's levels (which always includes the max level)
-            fallback[b] = 1
-            p = order[0]
-            _put(words, base, 0, 1, 1)
-            _put(words, base, 1, sign_bit, 1)
-            _put(words, base, 2, s, sb)
-            _put(words, base, 2 + sb, p, pb)
-            pos = hdr
-            nq = 1 << fb
-            for j in range(g):
-                q = 0
-                if j < nv:
-                    bq = 0
-                    be = np.inf
-                    for qq in range(nq):
-                        e = v[j] - levels[p, ((qq + 1) * NL >> fb) - 1]
-                        if e * e < be:
-                            be = e * e
-                            bq = qq
-                    q = bq
-                    err2[j] = be
-                else:
-                    err2[j] = -1.0
-                _put(words, base, pos, q, fb)
-                pos += fb
-        # patches: largest remaining error first; spare slots repeat the last patch
-        npatch = (block_bits - pos) // pbits
-        lastj = 0
-        lastq = 0
-        for t in range(npatch):
-            jm = np.argmax(err2)
-            if err2[jm] >= 0.0:
-                lastj = jm
-                q = int(np.round(v[jm] * 127.0))
-                lastq = max(-127, min(127, q))
-                err2[jm] = -1.0
-            _put(words, base, pos, lastj, ps)
-            _put(words, base, pos + ps, lastq & 255, 8)
-            pos += pbits
-        _ = best_len
+                if used > block_bits:
+                    # rate-distortion trimming: move values to a neighbouring level with a
+                    # shorter code, cheapest error increase per saved bit first, until it fits
+                    excess = used - block_bits
+                    for j in range(nv):
+                        ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p, hbest,
+                                               NL, target[j:j + 1])
+                    while excess > 0:
+                        bj = np.argmin(ratio[:nv]) if nv > 0 else 0
+                        if nv == 0 or ratio[bj] == np.inf:
+                            break
+                        k = sym[bj]
+                        bk = target[bj]
+                        excess -= lengths[hbest, k] - lengths[hbest, bk]
+                        cnt[k] -= 1
+                        cnt[bk] += 1
+                        sym[bj] = bk
+                        e = v[bj] - levels[p, bk]
+                        tot += e * e - err2[bj]
+                        err2[bj] = e * e
+                        ratio[bj] = _move_ratio(v[bj], bk, err2[bj], levels, lengths, p, hbest,
+                                                NL, target[bj:bj + 1])
+                    if excess > 0:
+                        continue
+                    lbest = block_bits - hdr + excess
+                    used = hdr + lbest
+                npatch = (block_bits - used) // pbits
+                # error left after patching the npatch largest errors
+                if npatch > 0:
+                    tmp = err2.copy()
+                    for _ in range(min(npatch, nv)):
+                        jm = np.argmax(tmp)
+                        tot -= tmp[jm]
+                        tmp[jm] = -1.0
+                if tot < best_err:
+                    best_err = tot
+                    best_p = p
+                    best_h = hbest
+                    best_len = lbest
+                    best_sym[:] = sym
+            sign_bit = 1 if neg else 0
+            if best_p >= 0:
+                pos = 0
+                _put(words, base, pos, 0, 1)
+                _put(words, base, 1, sign_bit, 1)
+                _put(words, base, 2, s, sb)
+                _put(words, base, 2 + sb, best_p, pb)
+                _put(words, base, 2 + sb + pb, best_h, cb)
+                pos = hdr
+                for j in range(g):
+                    k = best_sym[j]
+                    _put(words, base, pos, codes[best_h, k], lengths[best_h, k])
+                    pos += lengths[best_h, k]
+                for j in range(g):
+                    if j < nv:
+                        e = v[j] - levels[best_p, best_sym[j]]
+                        err2[j] = e * e if patch_by_error else (
+                            v[j] * v[j] if best_sym[j] != NL - 1 else -0.5)
+                    else:
+                        err2[j] = -1.0
+            else:
+                # always-fits mode: fixed-width codes indexing an evenly spaced subset of the
+                # best pattern's levels (which always includes the max level)
+                fallback[b] = 1
+                p = order[0]
+                _put(words, base, 0, 1, 1)
+                _put(words, base, 1, sign_bit, 1)
+                _put(words, base, 2, s, sb)
+                _put(words, base, 2 + sb, p, pb)
+                pos = hdr
+                nq = 1 << fb
+                for j in range(g):
+                    q = 0
+                    if j < nv:
+                        bq = 0
+                        be = np.inf
+                        for qq in range(nq):
+                            e = v[j] - levels[p, ((qq + 1) * NL >> fb) - 1]
+                            if e * e < be:
+                                be = e * e
+                                bq = qq
+                        q = bq
+                        err2[j] = be
+                    else:
+                        err2[j] = -1.0
+                    _put(words, base, pos, q, fb)
+                    pos += fb
+            # patches: largest remaining error first; spare slots repeat the last patch
+            npatch = (block_bits - pos) // pbits
+            lastj = 0
+            lastq = 0
+            for t in range(npatch):
+                jm = np.argmax(err2)
+                if err2[jm] >= 0.0:
+                    lastj = jm
+                    q = int(np.round(v[jm] * 127.0))
+                    lastq = max(-127, min(127, q))
+                    err2[jm] = -1.0
+                _put(words, base, pos, lastj, ps)
+                _put(words, base, pos + ps, lastq & 255, 8)
+                pos += pbits
 
 
 # ----------------------------------------------------------------------------- decoder
