@@ -35,11 +35,28 @@ def kv_groups(kv: list[tuple[torch.Tensor, torch.Tensor]], group: int = 128) -> 
     return torch.cat(out).float().numpy()
 
 
+def synthetic_groups(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 128) float32 groups from a spread of shapes seen in K/V: Gaussian, Laplace and
+    Student-t(3) values with per-group offsets (channel biases) and scales."""
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, 3, size=n)
+    x = np.empty((n, 128))
+    x[kind == 0] = rng.standard_normal(((kind == 0).sum(), 128))
+    x[kind == 1] = rng.laplace(size=((kind == 1).sum(), 128))
+    x[kind == 2] = rng.standard_t(3, size=((kind == 2).sum(), 128))
+    offset = rng.normal(0, 1.0, size=(n, 1)) * (rng.random((n, 1)) < 0.5)
+    return ((x + offset) * rng.lognormal(0, 1, size=(n, 1))).astype(np.float32)
+
+
 def calibrate_model(model_name: str, corpus: str = "wiki+news", tokens: int = 1024,
                     windows: int = 4, variants: Sequence[str] = ("ecco4", "ecco3", "ecco2"),
                     seed: int = 0, progress: bool = True, command: str | None = None,
-                    max_groups: int = 400_000) -> tuple[Profile, dict[str, Any]]:
-    """Learn a Profile from `model_name`'s K/V on real text; returns (profile, report)."""
+                    max_groups: int = 400_000,
+                    synthetic: float = 0.0) -> tuple[Profile, dict[str, Any]]:
+    """Learn a Profile from `model_name`'s K/V on real text; returns (profile, report).
+
+    synthetic: fraction of the groups replaced by `synthetic_groups` (the shipped generic
+    profile mixes them in so that it does not fit one model only)."""
     from tqdm import tqdm
 
     from eccokv import data, models
@@ -57,6 +74,11 @@ def calibrate_model(model_name: str, corpus: str = "wiki+news", tokens: int = 10
     rng = np.random.default_rng(seed)
     if len(allg) > max_groups:
         allg = allg[rng.choice(len(allg), max_groups, replace=False)]
+    if synthetic > 0:
+        if not 0 < synthetic < 1:
+            raise ValueError(f"synthetic must be a fraction in [0, 1), got {synthetic}")
+        n_syn = int(len(allg) * synthetic / (1 - synthetic))
+        allg = np.concatenate([allg, synthetic_groups(n_syn, seed)])
     bar = tqdm(total=len(variants), desc="k-means + codebooks", disable=not progress)
 
     def step(v: str) -> None:
@@ -64,9 +86,11 @@ def calibrate_model(model_name: str, corpus: str = "wiki+news", tokens: int = 10
         bar.update(1)
 
     info = {"model": model_name, "corpus": corpus, "tokens_per_window": tokens,
-            "windows": windows, "command": command or "", "eccokv": __import__("eccokv").__version__}
+            "windows": windows, "synthetic_fraction": synthetic, "command": command or "",
+            "eccokv": __import__("eccokv").__version__}
     prof = build_profile(allg, variants=variants, seed=seed, info=info, progress=step)
     bar.close()
     report = {"model": model_name, "corpus": corpus, "groups": int(len(allg)),
+              "synthetic_fraction": synthetic,
               "seconds": time.perf_counter() - t0, "variants": list(variants)}
     return prof, report

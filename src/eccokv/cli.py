@@ -39,7 +39,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     prof, report = calibrate_model(
         args.model, corpus=args.corpus, tokens=args.tokens, windows=args.windows,
         variants=args.variants.split(","), seed=args.seed, progress=not args.json,
-        command=_command_line(),
+        command=_command_line(), synthetic=args.synthetic,
     )
     prof.save(args.out)
     report["out"] = str(args.out)
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=int, default=4, help="windows per corpus")
     s.add_argument("--variants", default="ecco4,ecco3,ecco2")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--synthetic", type=float, default=0.0,
+                   help="fraction of synthetic groups mixed in (generic profiles)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_calibrate)
 

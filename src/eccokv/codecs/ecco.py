@@ -72,6 +72,10 @@ class _Tables:
         d = (edges[None, :, None] - lv[:, None, :]) ** 2  # (S, B*sub, NL)
         err = d.min(axis=2).reshape(S, N_BUCKETS, sub).mean(axis=2)
         self.errtab = np.ascontiguousarray(err.T)  # (B, S)
+        low = -1.0 + np.arange(N_BUCKETS) * (2.0 / N_BUCKETS) - 1e-9  # bucket lower edges
+        # levels below index kstart cannot be nearest to any value >= the lower edge
+        self.kstart = np.ascontiguousarray(
+            (self.mids[:, None, :] < low[None, :, None]).sum(axis=2).astype(np.int64))
         self.pattern_bits = _log2_int(S)
         self.codebook_bits = _log2_int(self.H)
 
@@ -92,7 +96,7 @@ class EccoCodec(Codec):
     codec_id = "ecco"
 
     def __init__(self, variant: str = "ecco4", profile: str | Profile | None = "default",
-                 candidates: int = 4, patch_order: str = "error",
+                 candidates: int = 2, patch_order: str = "error",
                  profile_hash: str | None = None, group_size: int = GROUP_SIZE,
                  **block: Any) -> None:
         if variant not in VARIANTS:
@@ -248,7 +252,7 @@ class EccoCodec(Codec):
             nvalid_last = lay.length - (lay.ngroups - 1) * GROUP_SIZE
             t = self.t
             encode_blocks(
-                groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.lengths, t.codes,
+                groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.kstart, t.lengths, t.codes,
                 t.errtab, N_BUCKETS, self.scale_table(tscale), np.float64(tscale),
                 np.float64(self.scale_steps), self.scale_bits, t.pattern_bits,
                 t.codebook_bits, self.fallback_bits, POS_BITS, self.block_bits,

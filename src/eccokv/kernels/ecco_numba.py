@@ -44,6 +44,29 @@ def _peek64(words, base, pos):
 # ----------------------------------------------------------------------------- encoder
 
 @njit(inline="always", cache=True)
+def _sum_top(err2, n, k, top):
+    """Sum of the k largest of err2[:n] (k small), keeping a sorted list in top[:k]."""
+    m = 0
+    for j in range(n):
+        e = err2[j]
+        if m < k:
+            i = m
+            m += 1
+        elif e > top[k - 1]:
+            i = k - 1
+        else:
+            continue
+        while i > 0 and top[i - 1] < e:
+            top[i] = top[i - 1]
+            i -= 1
+        top[i] = e
+    s = 0.0
+    for i in range(m):
+        s += top[i]
+    return s
+
+
+@njit(inline="always", cache=True)
 def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
     """Cheapest error increase per saved bit moving vj from level k to a neighbour with a
     shorter code (inf if none); the neighbour goes to tgt[0]."""
@@ -66,7 +89,7 @@ def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
 
 @njit(cache=True, parallel=True)
 def encode_blocks(
-    groups, nvalid_last, ngroups, levels, mids, lengths, codes, errtab, nbuckets,
+    groups, nvalid_last, ngroups, levels, mids, kstart, lengths, codes, errtab, nbuckets,
     scale_table, tscale, scale_steps, sb, pb, cb, fb, ps, block_bits, ncand, patch_by_error,
     words, fallback,
 ):
@@ -75,7 +98,8 @@ def encode_blocks(
     nvalid_last: valid values in the last group of each row (1..g); ngroups: groups per
     row. levels (S, NL) sorted with levels[:, NL-1] == 1; mids (S, NL-1) midpoints;
     lengths/codes (H, NL) Huffman lengths and LSB-first codes; errtab (B, S) bucket error
-    proxies for candidate selection. fallback (nb,) uint8 output: 1 where mode 1 fired.
+    proxies for candidate selection; kstart (S, B): first level index that can be nearest
+    for a value in bucket B (nearest-level search starts there). fallback (nb,) uint8 output: 1 where mode 1 fired.
     """
     nb, g = groups.shape
     S, NL = levels.shape
@@ -98,6 +122,9 @@ def encode_blocks(
         cnt = np.zeros(NL, np.int64)
         ratio = np.empty(g, np.float64)
         target = np.zeros(g, np.int64)
+        tmp = np.empty(g, np.float64)
+        bucket = np.zeros(g, np.int64)
+        order = np.zeros(max(1, min(ncand, S)), np.int64)
         for b in range(ch * per, min(nb, (ch + 1) * per)):
             x = groups[b]
             nv = g
@@ -131,13 +158,26 @@ def encode_blocks(
                 bk = int((v[j] + 1.0) * 0.5 * nbuckets)
                 bk = max(0, min(nbuckets - 1, bk))
                 hist[bk] += 1
+                bucket[j] = bk
             approx[:] = 0.0
             for bk in range(nbuckets):
                 h = hist[bk]
                 if h:
+                    row = errtab[bk]
+                    hf = np.float64(h)
                     for p in range(S):
-                        approx[p] += h * errtab[bk, p]
-            order = np.argsort(approx)
+                        approx[p] += hf * row[p]
+            # the ncand best patterns by the proxy (partial selection, no sort)
+            nc = min(ncand, S)
+            for ci in range(nc):
+                bp = 0
+                bv = np.inf
+                for pp in range(S):
+                    if approx[pp] < bv:
+                        bv = approx[pp]
+                        bp = pp
+                order[ci] = bp
+                approx[bp] = np.inf
             best_err = np.inf
             best_p = -1
             best_h = 0
@@ -146,22 +186,24 @@ def encode_blocks(
                 p = order[ci]
                 cnt[:] = 0
                 tot = 0.0
+                mp = mids[p]
+                lp = levels[p]
+                ks = kstart[p]
                 for j in range(g):
                     if j < nv:
                         vj = v[j]
-                        k = 0
-                        for t in range(NL - 1):
-                            if vj > mids[p, t]:
-                                k += 1
-                        e = vj - levels[p, k]
+                        # nearest level: start from the bucket's first candidate
+                        k = ks[bucket[j]]
+                        while k < NL - 1 and vj > mp[k]:
+                            k += 1
+                        e = vj - lp[k]
                         err2[j] = e * e
                         tot += e * e
                     else:
                         # padding: the level nearest 0, no error counted
-                        k = 0
-                        for t in range(NL - 1):
-                            if mids[p, t] < 0.0:
-                                k += 1
+                        k = ks[nbuckets // 2]
+                        while k < NL - 1 and 0.0 > mp[k]:
+                            k += 1
                         err2[j] = 0.0
                     sym[j] = k
                     cnt[k] += 1
@@ -179,24 +221,28 @@ def encode_blocks(
                     # rate-distortion trimming: move values to a neighbouring level with a
                     # shorter code, cheapest error increase per saved bit first, until it fits
                     excess = used - block_bits
-                    for j in range(nv):
-                        ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p, hbest,
-                                               NL, target[j:j + 1])
-                    while excess > 0:
-                        bj = np.argmin(ratio[:nv]) if nv > 0 else 0
-                        if nv == 0 or ratio[bj] == np.inf:
+                    # passes: rank every value's cheapest move once, apply moves in that
+                    # order until the block fits (a value moves at most once per pass)
+                    for _pass in range(4):
+                        if excess <= 0:
                             break
-                        k = sym[bj]
-                        bk = target[bj]
-                        excess -= lengths[hbest, k] - lengths[hbest, bk]
-                        cnt[k] -= 1
-                        cnt[bk] += 1
-                        sym[bj] = bk
-                        e = v[bj] - levels[p, bk]
-                        tot += e * e - err2[bj]
-                        err2[bj] = e * e
-                        ratio[bj] = _move_ratio(v[bj], bk, err2[bj], levels, lengths, p, hbest,
-                                                NL, target[bj:bj + 1])
+                        for j in range(nv):
+                            ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p,
+                                                   hbest, NL, target[j:j + 1])
+                        rk = np.argsort(ratio[:nv])
+                        for i in range(nv):
+                            bj = rk[i]
+                            if excess <= 0 or ratio[bj] == np.inf:
+                                break
+                            k = sym[bj]
+                            bk = target[bj]
+                            excess -= lengths[hbest, k] - lengths[hbest, bk]
+                            cnt[k] -= 1
+                            cnt[bk] += 1
+                            sym[bj] = bk
+                            e = v[bj] - levels[p, bk]
+                            tot += e * e - err2[bj]
+                            err2[bj] = e * e
                     if excess > 0:
                         continue
                     lbest = block_bits - hdr + excess
@@ -204,11 +250,7 @@ def encode_blocks(
                 npatch = (block_bits - used) // pbits
                 # error left after patching the npatch largest errors
                 if npatch > 0:
-                    tmp = err2.copy()
-                    for _ in range(min(npatch, nv)):
-                        jm = np.argmax(tmp)
-                        tot -= tmp[jm]
-                        tmp[jm] = -1.0
+                    tot -= _sum_top(err2, nv, min(npatch, nv), tmp)
                 if tot < best_err:
                     best_err = tot
                     best_p = p
