@@ -147,7 +147,8 @@ def encoder_prefill_cost(model: Any, ids: torch.Tensor, kv: list[tuple[torch.Ten
             "tokens": int(ids.shape[1]), "threads": threads}
 
 
-def run(model_name: str = "smollm2", tokens: int = 2048, codec_names: Sequence[str] = DEFAULT_CODECS,
+def run(model_name: str = "smollm2", tokens: int = 2048,
+        codec_names: Sequence[str] = DEFAULT_CODECS,
         threads: Sequence[int] = (1, 2), repeats: int = 3, with_synthetic: bool = True,
         out_dir: str | Path | None = "benchmarks", progress: bool = True,
         command: str | None = None) -> dict[str, Any]:

@@ -275,7 +275,7 @@ class EccoCodec(Codec):
         from eccokv.kernels.ecco_numba import decode_blocks_fast
 
         lay = Layout(c.shape, c.axis, GROUP_SIZE)
-        target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
         kind = _DTYPE_KIND[target.dtype]
         flat = target.view(-1)
         arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()

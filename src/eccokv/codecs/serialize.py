@@ -6,7 +6,7 @@ Layout (all integers little-endian):
     format version (uint16)             2 bytes
     reserved, zero (uint16)             2 bytes
     header length H (uint32)            4 bytes
-    header: UTF-8 JSON, H bytes         {codec, shape, dtype, axis, meta, arrays:[{name,dtype,shape}]}
+    header: UTF-8 JSON, H bytes         {codec, shape, dtype, axis, meta, arrays}
     array payloads, in header order     raw C-order bytes
     CRC-32 of everything above (uint32) 4 bytes
 

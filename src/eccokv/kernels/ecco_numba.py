@@ -99,7 +99,8 @@ def encode_blocks(
     row. levels (S, NL) sorted with levels[:, NL-1] == 1; mids (S, NL-1) midpoints;
     lengths/codes (H, NL) Huffman lengths and LSB-first codes; errtab (B, S) bucket error
     proxies for candidate selection; kstart (S, B): first level index that can be nearest
-    for a value in bucket B (nearest-level search starts there). fallback (nb,) uint8 output: 1 where mode 1 fired.
+    for a value in bucket B (nearest-level search starts there).
+    fallback (nb,) uint8 output: 1 where mode 1 fired.
     """
     nb, g = groups.shape
     S, NL = levels.shape
@@ -181,7 +182,6 @@ def encode_blocks(
             best_err = np.inf
             best_p = -1
             best_h = 0
-            best_len = 0
             for ci in range(min(ncand, S)):
                 p = order[ci]
                 cnt[:] = 0
@@ -255,7 +255,6 @@ def encode_blocks(
                     best_err = tot
                     best_p = p
                     best_h = hbest
-                    best_len = lbest
                     best_sym[:] = sym
             sign_bit = 1 if neg else 0
             if best_p >= 0:
@@ -308,7 +307,7 @@ def encode_blocks(
             npatch = (block_bits - pos) // pbits
             lastj = 0
             lastq = 0
-            for t in range(npatch):
+            for _t in range(npatch):
                 jm = np.argmax(err2)
                 if err2[jm] >= 0.0:
                     lastj = jm

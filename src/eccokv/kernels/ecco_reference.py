@@ -29,7 +29,7 @@ def _field(bits: np.ndarray, pos: np.ndarray, n: int) -> np.ndarray:
 
 def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
     """Decode `c` to a float32 tensor of c.shape."""
-    from eccokv.codecs.ecco import GROUP_SIZE, POS_BITS, _PTAB
+    from eccokv.codecs.ecco import _PTAB, GROUP_SIZE, POS_BITS
 
     lay = Layout(c.shape, c.axis, GROUP_SIZE)
     nb, g, W = lay.nblocks, GROUP_SIZE, codec.words
