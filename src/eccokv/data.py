@@ -73,9 +73,12 @@ def _news() -> tuple[str, ...]:
     return tuple(s for s in (line.strip() for line in text.splitlines()) if s)
 
 
-def wiki_articles() -> list[tuple[str, str]]:
-    """Wikipedia articles as (title, clean text), in dump order; redirects skipped."""
-    return list(_wiki())
+def wiki_articles(min_chars: int = 0) -> list[tuple[str, str]]:
+    """Wikipedia articles as (title, clean text), in dump order; redirects skipped.
+
+    `min_chars` drops articles whose clean text is shorter than that many characters.
+    """
+    return [(t, x) for t, x in _wiki() if len(x) >= min_chars]
 
 
 def clean_wiki(markup: str) -> str:
@@ -170,23 +173,47 @@ def corpus_tokens(tokenizer: Any, corpus: str = "wiki") -> torch.Tensor:
 
 
 def token_windows(tokenizer: Any, corpus: str = "wiki", window: int = 1024, n: int = 8,
+                  stride: int | None = None, seed: int | None = None,
                   offset: int = 0) -> torch.Tensor:
     """`n` non-overlapping windows of `window` tokens, LongTensor [n, window].
 
-    The windows are spread evenly over the token stream after the first `offset` tokens
-    (the first starts at `offset`, the last ends at or just before the end), so the same
-    arguments always give the same windows.
+    The corpus is tokenised once (no special tokens; cached per tokenizer and corpus) and
+    the windows are cut from the token stream after its first `offset` tokens:
+
+    - default (`stride=None, seed=None`): spread evenly, the first starting at `offset`
+      and the last ending at or just before the end of the stream;
+    - `stride`: window i starts at `offset + i * stride` (`stride >= window`);
+    - `seed`: random but reproducible placement (same seed, same windows). With a
+      `stride` it shifts the whole grid by a random amount; without one, the windows
+      fall anywhere in the stream, still in order and never overlapping.
+
+    Raises ValueError, stating how many tokens are available, if the corpus is too short.
     """
     if window < 1 or n < 1 or offset < 0:
         raise ValueError(f"need window >= 1, n >= 1, offset >= 0 (got {window}, {n}, {offset})")
+    if stride is not None and stride < window:
+        raise ValueError(f"stride ({stride}) < window ({window}) would make windows overlap")
     ids = corpus_tokens(tokenizer, corpus)
     avail = ids.numel() - offset
-    if avail < n * window:
+    step = stride if stride is not None else window
+    need = (n - 1) * step + window
+    if avail < need:
+        what = f"{n} windows of {window} tokens" + (f" at stride {stride}" if stride else "")
         raise ValueError(
-            f"corpus {corpus!r} is too short for {n} windows of {window} tokens after offset "
+            f"corpus {corpus!r} is too short for {what} ({need} tokens) after offset "
             f"{offset}: {max(avail, 0)} tokens available ({ids.numel()} in total)")
-    stride = (avail - window) // (n - 1) if n > 1 else 0  # >= window since avail >= n*window
-    starts = [offset + i * stride for i in range(n)]
+    slack = avail - need
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if stride is not None:
+        shift = int(torch.randint(0, slack + 1, (1,), generator=gen)) if gen is not None else 0
+        starts = [offset + shift + i * stride for i in range(n)]
+    elif gen is not None:
+        # n sorted draws from [0, slack] spread the free tokens between the windows.
+        gaps = torch.randint(0, slack + 1, (n,), generator=gen).sort().values.tolist()
+        starts = [offset + g + i * window for i, g in enumerate(gaps)]
+    else:
+        spacing = (avail - window) // (n - 1) if n > 1 else 0  # >= window: avail >= n*window
+        starts = [offset + i * spacing for i in range(n)]
     return torch.stack([ids[s : s + window] for s in starts]).clone()
 
 
@@ -204,24 +231,29 @@ def article_token_counts(tokenizer: Any) -> list[tuple[str, int]]:
     return [(title, c) for (title, _), c in zip(arts, counts, strict=True)]
 
 
-def long_document(tokenizer: Any, min_tokens: int = 3000,
-                  max_tokens: int | None = None) -> tuple[str, str]:
+def long_document(tokenizer: Any, min_tokens: int = 3000, max_tokens: int | None = None,
+                  pick: str = "shortest") -> tuple[str, str]:
     """(title, text) of one real Wikipedia article with at least `min_tokens` tokens.
 
-    The choice is deterministic: the shortest article that is long enough (earliest in
-    the dump on ties), which keeps a prefill over it as cheap as possible. If no article
-    is long enough, consecutive articles from the start of the dump are joined until
-    they are, and the title says so. `max_tokens` cuts the text on a token boundary.
+    The choice is deterministic. `pick="shortest"` (default): the shortest article that
+    is long enough (earliest in the dump on ties), which keeps a prefill over it as cheap
+    as possible (with SmolLM2's tokenizer and 3000 tokens: "Adobe", 3612 tokens);
+    `pick="first"`: the first such article in dump order ("Anarchism", 15071 tokens).
+    If no article is long enough, consecutive articles from the start of the dump are
+    joined until they are, and the title says so. `max_tokens` cuts the text on a token
+    boundary.
     """
     if min_tokens < 1:
         raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+    if pick not in ("shortest", "first"):
+        raise ValueError(f"pick must be 'shortest' or 'first', got {pick!r}")
     if max_tokens is not None and max_tokens < min_tokens:
         raise ValueError(f"max_tokens ({max_tokens}) < min_tokens ({min_tokens})")
     arts = _wiki()
     counts = [c for _, c in article_token_counts(tokenizer)]
     fits = [i for i, c in enumerate(counts) if c >= min_tokens]
     if fits:
-        i = min(fits, key=lambda j: (counts[j], j))
+        i = fits[0] if pick == "first" else min(fits, key=lambda j: (counts[j], j))
         title, text = arts[i]
     else:
         titles, parts, total = [], [], 0

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from eccokv._paths import cache_dir
+from eccokv._paths import cache_dir, make_readable
 
 __all__ = ["MODELS", "ModelPackageMissingError", "load", "model_info"]
 
@@ -145,12 +145,12 @@ def converted_folder(spec: PackagedModel) -> Path:
         for stale in root.glob(f".{spec.slug}.tmp-*"):  # left by a killed converter
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.slug}.tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             t0 = time.perf_counter()
             _convert_gguf(gguf, tmp)
             source["convert_seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=1), encoding="utf-8")
+            make_readable(tmp)  # mkdtemp and safetensors create private (0700/0600) files
             if final.exists():  # outdated (other package version): move aside, then drop
                 old = Path(tempfile.mkdtemp(prefix=f".{spec.slug}.tmp-old-", dir=root))
                 os.replace(final, old / "x")

@@ -35,9 +35,9 @@ from eccokv.entropy.huffman import decode_table, encode_table
 
 # Per-variant block constants (see docs/format.md for the measurements behind them).
 VARIANTS: dict[str, dict[str, int]] = {
-    "ecco4": {"block_bytes": 64, "scale_bits": 12, "scale_steps": 128},
-    "ecco3": {"block_bytes": 48, "scale_bits": 10, "scale_steps": 32},
-    "ecco2": {"block_bytes": 32, "scale_bits": 8, "scale_steps": 8},
+    "ecco4": {"block_bytes": 64, "scale_bits": 12, "scale_steps": 128, "low_bits": 10},
+    "ecco3": {"block_bytes": 48, "scale_bits": 10, "scale_steps": 32, "low_bits": 8},
+    "ecco2": {"block_bytes": 32, "scale_bits": 8, "scale_steps": 8, "low_bits": 6},
 }
 GROUP_SIZE = 128
 POS_BITS = 7
@@ -98,7 +98,7 @@ class EccoCodec(Codec):
     def __init__(self, variant: str = "ecco4", profile: str | Profile | None = "default",
                  candidates: int = 2, patch_order: str = "error",
                  profile_hash: str | None = None, group_size: int = GROUP_SIZE,
-                 **block: Any) -> None:
+                 trim_passes: int = 16, **block: Any) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Ecco variant {variant!r}; choose from {sorted(VARIANTS)}")
         if group_size != GROUP_SIZE:
@@ -111,12 +111,20 @@ class EccoCodec(Codec):
                 raise ValueError(f"{variant} has {k}={params[k]}, not {v}")
         if not isinstance(candidates, int) or not 1 <= candidates <= 256:
             raise ValueError(f"candidates must be an int in 1..256, got {candidates!r}")
+        if not isinstance(trim_passes, int) or not 0 <= trim_passes <= 128:
+            raise ValueError(f"trim_passes must be an int in 0..128, got {trim_passes!r}")
+        self.trim_passes = trim_passes
         if patch_order not in ("error", "magnitude"):
             raise ValueError(f"patch_order must be 'error' or 'magnitude', got {patch_order!r}")
         self.variant = variant
         self.block_bytes = params["block_bytes"]
         self.scale_bits = params["scale_bits"]
         self.scale_steps = params["scale_steps"]
+        self.low_bits = params["low_bits"]
+        qmax = (1 << self.low_bits) - 1
+        ulo = 1.0 - 2.0 * np.arange(qmax + 1) / qmax  # the low end, in units of the max
+        self.ctab = ((1.0 + ulo) * 0.5).astype(np.float32)
+        self.htab = ((1.0 - ulo) * 0.5).astype(np.float32)
         self.candidates = candidates
         self.patch_order = patch_order
         if profile is None:
@@ -138,7 +146,8 @@ class EccoCodec(Codec):
         self.t = _Tables(tables)
         self.block_bits = 8 * self.block_bytes
         self.words = self.block_bytes // 8
-        self.header_bits = 2 + self.scale_bits + self.t.pattern_bits + self.t.codebook_bits
+        self.header_bits = (2 + self.scale_bits + self.low_bits + self.t.pattern_bits
+                            + self.t.codebook_bits)
         # always-fits mode: fixed-width codes into a subset of the pattern's levels
         self.fallback_bits = max(1, min((self.block_bits - self.header_bits) // GROUP_SIZE,
                                         _log2_int(self.t.NL)))
@@ -161,6 +170,7 @@ class EccoCodec(Codec):
             "profile_hash": self.profile_hash,
             "candidates": self.candidates,
             "patch_order": self.patch_order,
+            "trim_passes": self.trim_passes,
         }
 
     @classmethod
@@ -169,14 +179,11 @@ class EccoCodec(Codec):
         cfg.pop("id", None)
         h = cfg.get("profile_hash")
         ref = cfg.get("profile", "default")
-        if h is not None and ref not in (None, "default"):
-            # data from elsewhere: prefer tables already known by hash over a path that
-            # may not exist on this machine
-            try:
-                lookup_tables(h)
-                cfg["profile"] = None
-            except CodecError:
-                pass
+        if h is not None and ref != "default":
+            # A config that pins tables by hash (e.g. read from compressed bytes) is
+            # resolved only from tables already loaded or embedded in the data: a path
+            # written in data is never opened.
+            cfg["profile"] = None
         return cls(**cfg)
 
     @staticmethod
@@ -254,9 +261,10 @@ class EccoCodec(Codec):
             encode_blocks(
                 groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.kstart, t.lengths, t.codes,
                 t.errtab, N_BUCKETS, self.scale_table(tscale), np.float64(tscale),
-                np.float64(self.scale_steps), self.scale_bits, t.pattern_bits,
-                t.codebook_bits, self.fallback_bits, POS_BITS, self.block_bits,
-                self.candidates, self.patch_order == "error", words, fallback,
+                np.float64(self.scale_steps), self.scale_bits, self.low_bits, self.ctab,
+                self.htab, t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS, self.block_bits,
+                self.candidates, self.patch_order == "error", self.trim_passes, words,
+                fallback,
             )
             with self._lock:
                 self._stats["blocks"] += lay.nblocks
@@ -272,7 +280,7 @@ class EccoCodec(Codec):
 
     # -- decode -------------------------------------------------------------------------
     def _decode(self, c: Compressed, out: torch.Tensor) -> None:
-        from eccokv.kernels.ecco_numba import decode_blocks_fast
+        from eccokv.kernels.ecco_numba import decode_blocks
 
         lay = Layout(c.shape, c.axis, GROUP_SIZE)
         target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
@@ -281,10 +289,10 @@ class EccoCodec(Codec):
         arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
         bad = np.zeros(lay.nblocks, dtype=np.uint8)
         t = self.t
-        decode_blocks_fast(
-            c.arrays["blocks"], lay.nblocks, self.block_bits, self.scale_bits, t.pattern_bits,
-            t.codebook_bits, self.fallback_bits, POS_BITS, t.levels_flat, t.NL,
-            t.dtab, self.scale_table(float(c.arrays["tscale"][0])), _PTAB,
+        decode_blocks(
+            c.arrays["blocks"], lay.nblocks, self.block_bits, self.scale_bits, self.low_bits,
+            t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS, t.levels_flat, t.NL,
+            t.dtab, self.scale_table(float(c.arrays["tscale"][0])), self.ctab, self.htab, _PTAB,
             lay.length, lay.ngroups, lay.suffix, arr, kind, bad,
         )
         nbad = int(bad.sum())

@@ -1,8 +1,9 @@
 """Offline calibration of Ecco profiles: two-level k-means patterns and Huffman codebooks.
 
 Input: float32 groups (N, 128) of real K/V values. Per variant:
-1. normalise each group by its signed abs-max (so the max is +1, the fixed last level);
-2. per-group 1-D k-means with NL-1 clusters over the other values (the "group pattern");
+1. normalise each group so its max-magnitude value is +1 and its other extreme is -1
+   (the fixed last and first levels; see docs/format.md);
+2. per-group 1-D k-means with NL-2 clusters over the other values (the "group pattern");
 3. k-means over the group patterns -> S shared patterns (k-means++ init);
 4. refinement: assign each group to the shared pattern with the smallest squared error and
    move each level to the mean of the values it quantises (Lloyd on the real error);
@@ -24,22 +25,31 @@ from eccokv.codecs.ecco_profile import MAX_CODE_LEN, Profile, VariantTables
 from eccokv.entropy.huffman import huffman_lengths
 
 DEFAULT_SHAPES: dict[str, dict[str, int]] = {
-    "ecco4": {"levels": 16, "patterns": 64, "codebooks": 4},
+    "ecco4": {"levels": 14, "patterns": 128, "codebooks": 4},
     "ecco3": {"levels": 8, "patterns": 64, "codebooks": 4},
     "ecco2": {"levels": 4, "patterns": 16, "codebooks": 4},
 }
 
 
 def normalise_groups(groups: np.ndarray) -> np.ndarray:
-    """(N, g) -> (N', g-1) sorted values in [-1, 1] without the max (zero groups dropped)."""
+    """(N, g) -> (N', g-2) sorted values in [-1, 1] without the two extremes: u = x / max
+    (signed), then the range [min u, 1] maps onto [-1, 1]. Degenerate groups (zero or
+    constant) are dropped."""
     g = np.asarray(groups, dtype=np.float64)
+    rows = np.arange(len(g))
     amax_idx = np.abs(g).argmax(axis=1)
-    mx = g[np.arange(len(g)), amax_idx]
-    keep = mx != 0
-    g, mx, amax_idx = g[keep], mx[keep], amax_idx[keep]
-    v = g / mx[:, None]
+    mx = g[rows, amax_idx]
+    u = g / np.where(mx == 0, 1.0, mx)[:, None]
+    u[rows, amax_idx] = 1.0
+    amin_idx = u.argmin(axis=1)
+    umin = u[rows, amin_idx]
+    keep = (mx != 0) & (umin < 1.0) & (amin_idx != amax_idx)
+    c, h = (1.0 + umin) * 0.5, (1.0 - umin) * 0.5
+    v = (u - c[:, None]) / np.where(h > 0, h, 1.0)[:, None]
     mask = np.ones_like(v, dtype=bool)
-    mask[np.arange(len(v)), amax_idx] = False
+    mask[rows, amax_idx] = False
+    mask[rows, amin_idx] = False
+    v, mask = v[keep], mask[keep]
     rest = v[mask].reshape(len(v), -1)
     return np.sort(np.clip(rest, -1.0, 1.0), axis=1)
 
@@ -118,10 +128,11 @@ def _update(vals, idx, levels):
             s[p, t] += vals[i, j]
             cnt[p, t] += 1
             sym_counts[i, t] += 1
-        sym_counts[i, L - 1] += 1
+        sym_counts[i, L - 1] += 1  # the group max
+        sym_counts[i, 0] += 1  # the other extreme
     new = levels.copy()
     for p in range(S):
-        for t in range(L - 1):
+        for t in range(1, L - 1):
             if cnt[p, t] > 0:
                 new[p, t] = s[p, t] / cnt[p, t]
     return new, sym_counts
@@ -150,9 +161,12 @@ def _kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.n
 
 
 def _finish_levels(c: np.ndarray) -> np.ndarray:
-    """Sort, clip to [-1, 1), append the fixed max level 1."""
-    c = np.clip(np.sort(c, axis=1), -1.0, np.nextafter(np.float32(1.0), np.float32(0)))
-    lv = np.concatenate([c, np.ones((len(c), 1))], axis=1).astype(np.float32)
+    """Sort the free levels, clip them into (-1, 1), add the fixed levels -1 and 1."""
+    lo = np.nextafter(np.float32(-1.0), np.float32(0))
+    hi = np.nextafter(np.float32(1.0), np.float32(0))
+    c = np.clip(np.sort(c, axis=1), lo, hi)
+    n = len(c)
+    lv = np.concatenate([-np.ones((n, 1)), c, np.ones((n, 1))], axis=1).astype(np.float32)
     return np.ascontiguousarray(np.sort(lv, axis=1))
 
 
@@ -188,16 +202,16 @@ def build_variant(groups: np.ndarray, levels: int, patterns: int, codebooks: int
     vals = np.ascontiguousarray(normalise_groups(groups))
     if len(vals) < patterns:
         raise ValueError(f"need at least {patterns} non-zero groups to calibrate, got {len(vals)}")
-    k = levels - 1
+    k = levels - 2
     per_group = _group_kmeans(vals, k, 12)
     shared = _finish_levels(_kmeans(per_group, patterns, 25, rng)).astype(np.float64)
     for _ in range(refine):
         idx, _err = _assign(vals, shared)
         shared, _ = _update(vals, idx, shared)
-        shared = _finish_levels(shared[:, :-1]).astype(np.float64)
+        shared = _finish_levels(shared[:, 1:-1]).astype(np.float64)
     idx, _err = _assign(vals, shared)
     _, counts = _update(vals, idx, shared)
-    lv = _finish_levels(shared[:, :-1])
+    lv = _finish_levels(shared[:, 1:-1])
     return VariantTables(lv, _codebooks(counts, codebooks))
 
 

@@ -79,8 +79,9 @@ def validate_tables(levels: np.ndarray, lengths: np.ndarray) -> None:
         raise ValueError("profile levels must be finite and inside [-1, 1]")
     if np.any(np.diff(levels, axis=1) < 0):
         raise ValueError("profile levels must be sorted within each pattern")
-    if np.any(levels[:, -1] != 1.0):
-        raise ValueError("the last level of every pattern must be exactly 1 (the group max)")
+    if np.any(levels[:, -1] != 1.0) or np.any(levels[:, 0] != -1.0):
+        raise ValueError("every pattern must start at exactly -1 (the group's other "
+                         "extreme) and end at exactly 1 (the group max)")
     if np.any(lengths < 1) or np.any(lengths > MAX_CODE_LEN):
         raise ValueError(f"code lengths must be in 1..{MAX_CODE_LEN}")
     for h in range(H):

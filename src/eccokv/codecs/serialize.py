@@ -87,7 +87,7 @@ def from_bytes(b: bytes | bytearray | memoryview) -> Compressed:
         raise CodecError(f"header length {hlen} exceeds the data ({len(b)} bytes): truncated")
     try:
         doc = json.loads(b[_PREFIX.size : _PREFIX.size + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, too deep, huge int literal
         raise CodecError(f"header is not valid JSON: {e}") from None
     c = _parse_doc(doc, b, _PREFIX.size + hlen, len(b) - _CRC.size)
     from eccokv.codecs import families, get
@@ -118,7 +118,7 @@ def _parse_doc(doc: Any, b: bytes, start: int, end: int) -> Compressed:
         raise CodecError("header field 'codec' must be an object with a string 'id'")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise CodecError(f"invalid shape {shape!r}")
-    if dtype not in DTYPE_BY_NAME:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BY_NAME:
         raise CodecError(f"unsupported dtype {dtype!r}")
     if not isinstance(axis, int) or not 0 <= axis < max(len(shape), 1):
         raise CodecError(f"invalid axis {axis!r} for shape {shape}")
@@ -132,7 +132,7 @@ def _parse_doc(doc: Any, b: bytes, start: int, end: int) -> Compressed:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise CodecError("array spec must be an object with a string 'name'")
         name, adt, ashape = spec["name"], spec.get("dtype"), spec.get("shape")
-        if adt not in _ALLOWED_ARRAY_DTYPES:
+        if not isinstance(adt, str) or adt not in _ALLOWED_ARRAY_DTYPES:
             raise CodecError(f"array {name!r} has unsupported dtype {adt!r}")
         if not isinstance(ashape, list) or not all(_is_count(s) for s in ashape):
             raise CodecError(f"array {name!r} has invalid shape {ashape!r}")

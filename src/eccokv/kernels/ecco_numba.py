@@ -1,10 +1,11 @@
 """numba kernels for the Ecco block codec: parallel encoder and table-driven decoder.
 
 Block layout (docs/format.md): a block is `W` little-endian uint64 words, bits LSB-first.
-header = mode(1) | sign(1) | scale code(SB) | pattern(PB) | codebook(CB), then either
+header = mode(1) | sign(1) | scale(SB) | low end(LB) | pattern(PB) | codebook(CB), then
   mode 0: G Huffman codes, then as many patches (pos(PS) | int8 value(8)) as fit;
   mode 1 (always fits): G fixed-width codes of FB bits on a uniform grid, then patches.
-Decoded value = level * sgs where sgs = +/- scale_table[code]; patches = ptab[q] * sgs.
+Decoded value = level * A + B with A = +/-gs * h, B = +/-gs * c (float32) from the scale
+and low-end codes; patches decode to ptab[q] * A + B.
 
 Callers validate every array length before calling (numba does not bounds-check); the
 decoder additionally only reads inside [block, block + W] words and flags blocks whose
@@ -90,8 +91,8 @@ def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
 @njit(cache=True, parallel=True)
 def encode_blocks(
     groups, nvalid_last, ngroups, levels, mids, kstart, lengths, codes, errtab, nbuckets,
-    scale_table, tscale, scale_steps, sb, pb, cb, fb, ps, block_bits, ncand, patch_by_error,
-    words, fallback,
+    scale_table, tscale, scale_steps, sb, lb, ctab, htab, pb, cb, fb, ps, block_bits, ncand,
+    patch_by_error, trim_passes, words, fallback,
 ):
     """Encode float32 groups (nb, g) into `words` (nb * W + 1 uint64, zeroed).
 
@@ -107,9 +108,10 @@ def encode_blocks(
     H = lengths.shape[0]
     W = block_bits // 64
     smax = (1 << sb) - 1
-    hdr = 2 + sb + pb + cb
+    hdr = 2 + sb + lb + pb + cb
     pbits = ps + 8
     log2 = np.log(2.0)
+    qmax = (1 << lb) - 1
     nchunks = min(nb, 256)
     per = (nb + nchunks - 1) // nchunks
     for ch in prange(nchunks):
@@ -148,11 +150,23 @@ def encode_blocks(
             if gs == 0.0:
                 s = smax
                 gs = np.float64(scale_table[s])
-            inv = 1.0 / gs
-            if neg:
-                inv = -inv
+            # asymmetric normalisation: the max maps to +1 and the other extreme, coded
+            # in lb bits as a fraction of the signed max, to -1
+            sg = np.float32(-gs if neg else gs)
+            umin = 1.0
+            for j in range(nv):
+                u = x[j] / np.float64(sg)
+                if u < umin:
+                    umin = u
+            ql = int(np.round((1.0 - umin) * 0.5 * qmax))
+            ql = max(0, min(qmax, ql))
+            A = np.float64(np.float32(sg * htab[ql]))
+            B = np.float64(np.float32(sg * ctab[ql]))
             for j in range(g):
-                v[j] = x[j] * inv if j < nv else 0.0
+                if j < nv:
+                    v[j] = (x[j] - B) / A if A != 0.0 else 1.0
+                else:
+                    v[j] = 0.0
             # candidate patterns by a histogram proxy of the squared error
             hist[:] = 0
             for j in range(nv):
@@ -223,7 +237,7 @@ def encode_blocks(
                     excess = used - block_bits
                     # passes: rank every value's cheapest move once, apply moves in that
                     # order until the block fits (a value moves at most once per pass)
-                    for _pass in range(4):
+                    for _pass in range(trim_passes):
                         if excess <= 0:
                             break
                         for j in range(nv):
@@ -262,8 +276,9 @@ def encode_blocks(
                 _put(words, base, pos, 0, 1)
                 _put(words, base, 1, sign_bit, 1)
                 _put(words, base, 2, s, sb)
-                _put(words, base, 2 + sb, best_p, pb)
-                _put(words, base, 2 + sb + pb, best_h, cb)
+                _put(words, base, 2 + sb, ql, lb)
+                _put(words, base, 2 + sb + lb, best_p, pb)
+                _put(words, base, 2 + sb + lb + pb, best_h, cb)
                 pos = hdr
                 for j in range(g):
                     k = best_sym[j]
@@ -284,7 +299,8 @@ def encode_blocks(
                 _put(words, base, 0, 1, 1)
                 _put(words, base, 1, sign_bit, 1)
                 _put(words, base, 2, s, sb)
-                _put(words, base, 2 + sb, p, pb)
+                _put(words, base, 2 + sb, ql, lb)
+                _put(words, base, 2 + sb + lb, p, pb)
                 pos = hdr
                 nq = 1 << fb
                 for j in range(g):
@@ -358,107 +374,74 @@ def _f32_to_f16(u):
 
 
 @njit(inline="always", cache=True)
-def _decode_one(words, base, block_bits, sb, pb, cb, fb, ps, maxlen, levels_flat, NL,
-                dtab, scale_table, ptab, g, buf):
-    """Decode one block into buf[0:g]; returns 1 if the code stream overran the block."""
+def _hdr(words, base, sb, lb, pb, cb, NL, scale_table, ctab, htab):
+    """(mode, scale code, level offset, table offset, A, B) of one block: a level l
+    decodes to l * A + B (A = +/-gs * h, B = +/-gs * c, both float32)."""
     w0 = words[base]
     mode = np.int64(w0 & _ONE)
-    neg = np.int64((w0 >> _ONE) & _ONE)
-    smask = (np.uint64(1) << np.uint64(sb)) - _ONE
-    s = np.int64((w0 >> np.uint64(2)) & smask)
+    s = np.int64((w0 >> np.uint64(2)) & ((np.uint64(1) << np.uint64(sb)) - _ONE))
+    q = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(lb)) - _ONE))
+    p = np.int64((w0 >> np.uint64(2 + sb + lb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
+    h = np.int64((w0 >> np.uint64(2 + sb + lb + pb))
+                 & ((np.uint64(1) << np.uint64(cb)) - _ONE))
+    sg = scale_table[s]
+    if (w0 >> _ONE) & _ONE:
+        sg = -sg
+    A = sg * htab[q]
+    B = sg * ctab[q]
+    return mode, s, p, h, A, B
+
+
+@njit(inline="always", cache=True)
+def _patches(words, base, pos, block_bits, ps, ptab, A, B, buf, j0, g):
+    pbits = ps + 8
+    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
+    while pos + pbits <= block_bits:
+        bits = _peek64(words, base, pos)
+        jp = np.int64(bits & pmask)
+        if jp < g:
+            buf[j0 + jp] = ptab[np.int64((bits >> np.uint64(ps)) & np.uint64(255))] * A + B
+        pos += pbits
+
+
+@njit(inline="always", cache=True)
+def _decode_one(words, base, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
+                dtab, scale_table, ctab, htab, ptab, g, buf, j0):
+    """Decode one block into buf[j0:j0+g] (any mode); returns 1 if the code stream
+    overran the block (corrupt data)."""
+    mode, s, p, h, A, B = _hdr(words, base, sb, lb, pb, cb, NL, scale_table, ctab, htab)
     if s == 0:
         for j in range(g):
-            buf[j] = np.float32(0.0)
+            buf[j0 + j] = np.float32(0.0)
         return 0
-    sgs = scale_table[s]
-    if neg:
-        sgs = -sgs
-    hdr = 2 + sb + pb + cb
-    pos = hdr
+    pos = 2 + sb + lb + pb + cb
+    loff = p * NL
     if mode == 0:
-        p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
-        h = np.int64((w0 >> np.uint64(2 + sb + pb)) & ((np.uint64(1) << np.uint64(cb)) - _ONE))
-        loff = p * NL
-        toff = h << maxlen
-        tmask = (np.uint64(1) << np.uint64(maxlen)) - _ONE
-        per = 64 // maxlen
+        toff = h << 8
         j = 0
         while j < g:
             bits = _peek64(words, base, min(pos, block_bits - 1))
-            n = min(per, g - j)
-            for _ in range(n):
-                e = dtab[toff + np.int64(bits & tmask)]
+            for _ in range(min(8, g - j)):
+                e = dtab[toff + np.int64(bits & np.uint64(255))]
                 ln = np.int64(e >> 4)
-                buf[j] = levels_flat[loff + np.int64(e & 15)] * sgs
+                buf[j0 + j] = levels_flat[loff + np.int64(e & 15)] * A + B
                 bits >>= np.uint64(ln)
                 pos += ln
                 j += 1
         if pos > block_bits:
             return 1
     else:
-        p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
         fmask = (np.uint64(1) << np.uint64(fb)) - _ONE
         for j in range(g):
             q = np.int64(_peek64(words, base, pos) & fmask)
-            buf[j] = levels_flat[p * NL + (((q + 1) * NL) >> fb) - 1] * sgs
+            buf[j0 + j] = levels_flat[loff + (((q + 1) * NL) >> fb) - 1] * A + B
             pos += fb
-    pbits = ps + 8
-    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
-    while pos + pbits <= block_bits:
-        bits = _peek64(words, base, pos)
-        jp = np.int64(bits & pmask)
-        q = np.int64((bits >> np.uint64(ps)) & np.uint64(255))
-        if jp < g:
-            buf[jp] = ptab[q] * sgs
-        pos += pbits
+    _patches(words, base, pos, block_bits, ps, ptab, A, B, buf, j0, g)
     return 0
 
 
-@njit(cache=True, parallel=True)
-def decode_blocks(words, nb, block_bits, sb, pb, cb, fb, ps, maxlen, levels_flat, NL, dtab,
-                  scale_table, ptab, g, length, ngroups, suffix, out, kind, bad):
-    """Decode nb blocks straight into the flat output `out` (float32 if kind == 0, else the
-    uint16 bits of bf16 (kind 1) or fp16 (kind 2)), honouring the grouping layout.
-
-    Block b = m * ngroups + gi covers row m's values gi*g.. (at stride `suffix` in out).
-    bad (nb,) uint8 is set to 1 for blocks whose code stream overruns the block.
-    """
-    W = block_bits // 64
-    chunk = 4
-    nchunks = (nb + chunk - 1) // chunk
-    for c in prange(nchunks):
-        buf = np.empty(g, np.float32)
-        ubuf = buf.view(np.uint32)
-        for b in range(c * chunk, min(nb, c * chunk + chunk)):
-            bad[b] = _decode_one(words, b * W, block_bits, sb, pb, cb, fb, ps, maxlen,
-                                 levels_flat, NL, dtab, scale_table, ptab, g, buf)
-            m = b // ngroups
-            gi = b - m * ngroups
-            pre = m // suffix
-            sfx = m - pre * suffix
-            start = gi * g
-            n = min(g, length - start)
-            off = pre * length * suffix + start * suffix + sfx
-            if kind == 0:
-                if suffix == 1:
-                    for j in range(n):
-                        out[off + j] = buf[j]
-                else:
-                    for j in range(n):
-                        out[off + j * suffix] = buf[j]
-            elif kind == 1:
-                for j in range(n):
-                    out[off + j * suffix] = _f32_to_bf16(ubuf[j])
-            else:
-                for j in range(n):
-                    out[off + j * suffix] = _f32_to_f16(ubuf[j])
-
-
-# ------------------------------------------------------------------ fast interleaved path
-
-
 @njit(inline="always", cache=True)
-def _huff8(words, base, pos, toff, dtab, levels_flat, loff, sgs, buf, j0):
+def _huff8(words, base, pos, toff, dtab, levels_flat, loff, A, B, buf, j0):
     """Decode 8 symbols (max code length 8) from one 64-bit peek; returns the new pos.
     All indices are unsigned: numba then skips its negative-index wraparound."""
     wi = base + (pos >> np.uint64(6))
@@ -466,37 +449,11 @@ def _huff8(words, base, pos, toff, dtab, levels_flat, loff, sgs, buf, j0):
     bits = (words[wi] >> off) | ((words[wi + _ONE] << _ONE) << (np.uint64(63) - off))
     for t in range(8):
         e = dtab[toff + (bits & np.uint64(255))]
-        buf[j0 + np.uint64(t)] = levels_flat[loff + np.uint64(e & np.uint16(15))] * sgs
+        buf[j0 + np.uint64(t)] = levels_flat[loff + np.uint64(e & np.uint16(15))] * A + B
         ln = np.uint64(e >> np.uint16(4))
         bits >>= ln
         pos += ln
     return pos
-
-
-@njit(inline="always", cache=True)
-def _hdr(words, base, sb, pb, cb, NL, scale_table):
-    """(mode, scale code, level offset, table offset, signed scale) of one block."""
-    w0 = words[base]
-    mode = np.int64(w0 & _ONE)
-    s = np.int64((w0 >> np.uint64(2)) & ((np.uint64(1) << np.uint64(sb)) - _ONE))
-    p = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
-    h = np.int64((w0 >> np.uint64(2 + sb + pb)) & ((np.uint64(1) << np.uint64(cb)) - _ONE))
-    sgs = scale_table[s]
-    if (w0 >> _ONE) & _ONE:
-        sgs = -sgs
-    return mode, s, np.uint64(p * NL), np.uint64(h << 8), sgs
-
-
-@njit(inline="always", cache=True)
-def _patches(words, base, pos, block_bits, ps, ptab, sgs, buf, j0, g):
-    pbits = ps + 8
-    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
-    while pos + pbits <= block_bits:
-        bits = _peek64(words, base, pos)
-        jp = np.int64(bits & pmask)
-        if jp < g:
-            buf[j0 + jp] = ptab[np.int64((bits >> np.uint64(ps)) & np.uint64(255))] * sgs
-        pos += pbits
 
 
 @njit(inline="always", cache=True)
@@ -524,69 +481,87 @@ def _store(buf, j0, ubuf, b, g, length, ngroups, suffix, out, kind):
 
 
 @njit(cache=True, parallel=True)
-def decode_blocks_fast(words, nb, block_bits, sb, pb, cb, fb, ps, levels_flat, NL, dtab,
-                       scale_table, ptab, length, ngroups, suffix, out, kind, bad):
-    """Same contract as `decode_blocks` for group size 128 and max code length 8, decoding
-    four Huffman blocks side by side so their serial bit-stream chains overlap."""
+def decode_blocks(words, nb, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
+                  scale_table, ctab, htab, ptab, length, ngroups, suffix, out, kind, bad):
+    """Decode nb blocks of 128 values (max code length 8) straight into the flat output
+    `out` (float32 if kind == 0, else the uint16 bits of bf16 (1) or fp16 (2)), honouring
+    the grouping layout: block b = m * ngroups + gi covers row m's values gi*128.. at
+    stride `suffix` in out. Four Huffman blocks are decoded side by side so their serial
+    bit-stream chains overlap. bad (nb,) uint8: 1 for blocks whose codes overrun."""
     g = 128
     W = block_bits // 64
-    hdr = 2 + sb + pb + cb
+    hdr = 2 + sb + lb + pb + cb
     nq = (nb + 3) // 4
     nthreads = min(nq, 64 * 4)
     per = (nq + nthreads - 1) // nthreads
+    lim = np.uint64(block_bits - 1)
     for th in prange(nthreads):
         buf = np.empty(4 * g, np.float32)
         ubuf = buf.view(np.uint32)
         for q in range(th * per, min(nq, (th + 1) * per)):
             b0 = q * 4
+            fast = False
             if b0 + 4 <= nb:
-                m0, s0, l0, t0, g0 = _hdr(words, b0 * W, sb, pb, cb, NL, scale_table)
-                m1, s1, l1, t1, g1 = _hdr(words, (b0 + 1) * W, sb, pb, cb, NL, scale_table)
-                m2, s2, l2, t2, g2 = _hdr(words, (b0 + 2) * W, sb, pb, cb, NL, scale_table)
-                m3, s3, l3, t3, g3 = _hdr(words, (b0 + 3) * W, sb, pb, cb, NL, scale_table)
-                fast = (m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0 \
-                    and s3 != 0
-            else:
-                fast = False
+                m0, s0, p0_, h0, A0, B0_ = _hdr(words, b0 * W, sb, lb, pb, cb, NL,
+                                                scale_table, ctab, htab)
+                m1, s1, p1_, h1, A1, B1_ = _hdr(words, (b0 + 1) * W, sb, lb, pb, cb, NL,
+                                                scale_table, ctab, htab)
+                m2, s2, p2_, h2, A2, B2_ = _hdr(words, (b0 + 2) * W, sb, lb, pb, cb, NL,
+                                                scale_table, ctab, htab)
+                m3, s3, p3_, h3, A3, B3_ = _hdr(words, (b0 + 3) * W, sb, lb, pb, cb, NL,
+                                                scale_table, ctab, htab)
+                fast = ((m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0
+                        and s3 != 0)
             if fast:
-                p0 = np.uint64(hdr)
-                p1 = np.uint64(hdr)
-                p2 = np.uint64(hdr)
-                p3 = np.uint64(hdr)
-                B0 = np.uint64(b0 * W)
-                B1 = B0 + np.uint64(W)
-                B2 = B1 + np.uint64(W)
-                B3 = B2 + np.uint64(W)
-                lim = np.uint64(block_bits - 1)
+                w0 = np.uint64(b0 * W)
+                w1 = w0 + np.uint64(W)
+                w2 = w1 + np.uint64(W)
+                w3 = w2 + np.uint64(W)
+                l0 = np.uint64(p0_ * NL)
+                l1 = np.uint64(p1_ * NL)
+                l2 = np.uint64(p2_ * NL)
+                l3 = np.uint64(p3_ * NL)
+                t0 = np.uint64(h0 << 8)
+                t1 = np.uint64(h1 << 8)
+                t2 = np.uint64(h2 << 8)
+                t3 = np.uint64(h3 << 8)
+                c0 = np.uint64(hdr)
+                c1 = np.uint64(hdr)
+                c2 = np.uint64(hdr)
+                c3 = np.uint64(hdr)
                 for r in range(16):
                     j = np.uint64(r * 8)
-                    p0 = _huff8(words, B0, min(p0, lim), t0, dtab, levels_flat, l0, g0, buf, j)
-                    p1 = _huff8(words, B1, min(p1, lim), t1, dtab, levels_flat, l1, g1, buf,
-                                np.uint64(g) + j)
-                    p2 = _huff8(words, B2, min(p2, lim), t2, dtab, levels_flat, l2, g2, buf,
-                                np.uint64(2 * g) + j)
-                    p3 = _huff8(words, B3, min(p3, lim), t3, dtab, levels_flat, l3, g3, buf,
-                                np.uint64(3 * g) + j)
-                e0 = np.int64(p0)
-                e1 = np.int64(p1)
-                e2 = np.int64(p2)
-                e3 = np.int64(p3)
+                    c0 = _huff8(words, w0, min(c0, lim), t0, dtab, levels_flat, l0, A0, B0_,
+                                buf, j)
+                    c1 = _huff8(words, w1, min(c1, lim), t1, dtab, levels_flat, l1, A1, B1_,
+                                buf, np.uint64(g) + j)
+                    c2 = _huff8(words, w2, min(c2, lim), t2, dtab, levels_flat, l2, A2, B2_,
+                                buf, np.uint64(2 * g) + j)
+                    c3 = _huff8(words, w3, min(c3, lim), t3, dtab, levels_flat, l3, A3, B3_,
+                                buf, np.uint64(3 * g) + j)
+                e0 = np.int64(c0)
+                e1 = np.int64(c1)
+                e2 = np.int64(c2)
+                e3 = np.int64(c3)
                 bad[b0] = e0 > block_bits
                 bad[b0 + 1] = e1 > block_bits
                 bad[b0 + 2] = e2 > block_bits
                 bad[b0 + 3] = e3 > block_bits
                 if e0 <= block_bits:
-                    _patches(words, b0 * W, e0, block_bits, ps, ptab, g0, buf, 0, g)
+                    _patches(words, b0 * W, e0, block_bits, ps, ptab, A0, B0_, buf, 0, g)
                 if e1 <= block_bits:
-                    _patches(words, (b0 + 1) * W, e1, block_bits, ps, ptab, g1, buf, g, g)
+                    _patches(words, (b0 + 1) * W, e1, block_bits, ps, ptab, A1, B1_, buf, g, g)
                 if e2 <= block_bits:
-                    _patches(words, (b0 + 2) * W, e2, block_bits, ps, ptab, g2, buf, 2 * g, g)
+                    _patches(words, (b0 + 2) * W, e2, block_bits, ps, ptab, A2, B2_, buf,
+                             2 * g, g)
                 if e3 <= block_bits:
-                    _patches(words, (b0 + 3) * W, e3, block_bits, ps, ptab, g3, buf, 3 * g, g)
+                    _patches(words, (b0 + 3) * W, e3, block_bits, ps, ptab, A3, B3_, buf,
+                             3 * g, g)
                 for i in range(4):
                     _store(buf, i * g, ubuf, b0 + i, g, length, ngroups, suffix, out, kind)
             else:
                 for b in range(b0, min(nb, b0 + 4)):
-                    bad[b] = _decode_one(words, b * W, block_bits, sb, pb, cb, fb, ps, 8,
-                                         levels_flat, NL, dtab, scale_table, ptab, g, buf)
+                    bad[b] = _decode_one(words, b * W, block_bits, sb, lb, pb, cb, fb, ps,
+                                         levels_flat, NL, dtab, scale_table, ctab, htab, ptab,
+                                         g, buf, 0)
                     _store(buf, 0, ubuf, b, g, length, ngroups, suffix, out, kind)

@@ -36,14 +36,18 @@ def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
     words = c.arrays["blocks"][: nb * W].reshape(nb, W)
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # (nb, block_bits)
     t = codec.t
-    sb, pb, cb = codec.scale_bits, t.pattern_bits, t.codebook_bits
+    sb, lb, pb, cb = codec.scale_bits, codec.low_bits, t.pattern_bits, t.codebook_bits
     mode = _field(bits, np.zeros(nb, np.int64), 1)
     neg = _field(bits, np.ones(nb, np.int64), 1)
     scode = _field(bits, np.full(nb, 2), sb)
-    pattern = _field(bits, np.full(nb, 2 + sb), pb)
-    book = _field(bits, np.full(nb, 2 + sb + pb), cb)
+    low = _field(bits, np.full(nb, 2 + sb), lb)
+    pattern = _field(bits, np.full(nb, 2 + sb + lb), pb)
+    book = _field(bits, np.full(nb, 2 + sb + lb + pb), cb)
     table = codec.scale_table(float(c.arrays["tscale"][0]))
-    sgs = table[scode] * np.where(neg == 1, np.float32(-1), np.float32(1))
+    # signed group max; a level l decodes to l * A + B
+    sg = table[scode] * np.where(neg == 1, np.float32(-1), np.float32(1))
+    A = sg * codec.htab[low]
+    B = sg * codec.ctab[low]
     out = np.zeros((nb, g), dtype=np.float32)
     pos = np.full(nb, codec.header_bits, dtype=np.int64)
     huff = mode == 0
@@ -52,7 +56,7 @@ def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
         peek = _field(bits, pos, 8)
         entry = t.dtab[book * 256 + peek].astype(np.int64)
         sym, ln = entry & 15, entry >> 4
-        val = t.levels_flat[pattern * t.NL + sym] * sgs
+        val = t.levels_flat[pattern * t.NL + sym] * A + B
         out[huff, j] = val[huff]
         pos[huff] += ln[huff]
     # Always-fits mode: fixed-width codes q index an evenly spaced subset of the
@@ -61,7 +65,7 @@ def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
     for j in range(g):
         q = _field(bits, pos, fb)
         lv = t.levels_flat[pattern * t.NL + (((q + 1) * t.NL) >> fb) - 1]
-        out[~huff, j] = (lv * sgs)[~huff]
+        out[~huff, j] = (lv * A + B)[~huff]
         pos[~huff] += fb
     overrun = (pos > codec.block_bits) & (scode != 0)
     if overrun.any():
@@ -75,7 +79,7 @@ def reference_decode(codec: EccoCodec, c: Compressed) -> torch.Tensor:
         jp = _field(bits, pos, POS_BITS)
         q = _field(bits, pos + POS_BITS, 8)
         rows = np.flatnonzero(has)
-        out[rows, jp[rows]] = _PTAB[q[rows]] * sgs[rows]
+        out[rows, jp[rows]] = _PTAB[q[rows]] * A[rows] + B[rows]
         pos[has] += pbits
     out[scode == 0] = 0.0
     return from_rows(out, lay).contiguous()
