@@ -162,9 +162,8 @@ def test_adversarial_groups(name, case):
     if case == "zeros":
         assert torch.equal(yf, xf)
     elif case == "equal_magnitudes":
-        # values with the max's sign are exact (last level); the others depend on whether
-        # a shared pattern has a level near -1 (see docs/format.md, known weaknesses)
-        assert torch.equal(yf[0::2], xf[0::2])
+        # every value is an extreme: their codes are the longest in calibrated codebooks,
+        # so 128 of them do not fit and trimming moves some inwards (docs/format.md)
         assert (yf - xf).norm() / xf.norm() < 0.7
     elif case in ("constant", "fp16_max"):
         # the group max is exact up to the scale step; all values here are +-max

@@ -29,8 +29,8 @@ from numba import njit, prange
 import eccokv
 from eccokv import codecs
 
-DEFAULT_CODECS = ("none", "fp8", "int4", "int3", "int2", "kivi4", "kivi2", "ecco4", "ecco3",
-                  "ecco2")
+DEFAULT_CODECS = ("none", "fp8", "int4", "int3", "int2", "kivi4", "kivi3", "kivi2", "ecco4",
+                  "ecco3", "ecco2")
 
 
 @njit(parallel=True, cache=True)
@@ -115,7 +115,7 @@ def bench_one(codec_name: str, x: torch.Tensor, axis: int, threads: Sequence[int
     return row
 
 
-def synthetic(seed: int = 0, shape: tuple[int, ...] = (8, 4, 1024, 128)) -> dict[str, torch.Tensor]:
+def synthetic(seed: int = 0, shape: tuple[int, ...] = (4, 4, 1024, 128)) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     gauss = torch.randn(shape, generator=g)
     t3 = torch.distributions.StudentT(3.0).sample(shape)

@@ -262,7 +262,8 @@ class EccoCodec(Codec):
                 groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.kstart, t.lengths, t.codes,
                 t.errtab, N_BUCKETS, self.scale_table(tscale), np.float64(tscale),
                 np.float64(self.scale_steps), self.scale_bits, self.low_bits, self.ctab,
-                self.htab, t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS, self.block_bits,
+                self.htab, t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS,
+                self.block_bits,
                 self.candidates, self.patch_order == "error", self.trim_passes, words,
                 fallback,
             )
