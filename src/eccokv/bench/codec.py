@@ -39,8 +39,9 @@ def _par_copy(src, dst):
     nch = 64
     per = (n + nch - 1) // nch
     for c in prange(nch):
-        for i in range(c * per, min(n, (c + 1) * per)):
-            dst[i] = src[i]
+        lo = c * per
+        hi = min(n, lo + per)
+        dst[lo:hi] = src[lo:hi]
 
 
 def memcopy_bandwidth(threads: int, nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -166,6 +167,9 @@ def run(model_name: str = "smollm2", tokens: int = 2048,
     if with_synthetic:
         data.update(synthetic())
     bw = {f"{t}t": memcopy_bandwidth(t) for t in threads}
+    src = np.ones(1 << 25)
+    dst = np.empty_like(src)
+    bw["numpy_copyto_1t"] = src.nbytes / _timed(lambda: np.copyto(dst, src), 5)[0] / 1e9
     rows = []
     jobs = [(d, lay, c) for d in data for lay in ("tokens", "channels") for c in codec_names]
     for dname, lay, cname in tqdm(jobs, desc="bench codec", disable=not progress):

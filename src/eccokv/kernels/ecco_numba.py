@@ -162,6 +162,17 @@ def encode_blocks(
             ql = max(0, min(qmax, ql))
             A = np.float64(np.float32(sg * htab[ql]))
             B = np.float64(np.float32(sg * ctab[ql]))
+            if A != 0.0 and ql < qmax:
+                # many values at the low extreme (e.g. one outlier above a tight cluster):
+                # its level has a long code there, so use the symmetric range [-max, max]
+                nlow = 0
+                for j in range(nv):
+                    if (x[j] - B) / A < -0.9:
+                        nlow += 1
+                if nlow * 4 > nv:
+                    ql = qmax
+                    A = np.float64(np.float32(sg * htab[ql]))
+                    B = np.float64(np.float32(sg * ctab[ql]))
             for j in range(g):
                 if j < nv:
                     v[j] = (x[j] - B) / A if A != 0.0 else 1.0
