@@ -71,7 +71,7 @@ class _Tables:
         edges = -1.0 + (np.arange(N_BUCKETS * sub) + 0.5) * (2.0 / (N_BUCKETS * sub))
         d = (edges[None, :, None] - lv[:, None, :]) ** 2  # (S, B*sub, NL)
         err = d.min(axis=2).reshape(S, N_BUCKETS, sub).mean(axis=2)
-        self.errtab = np.ascontiguousarray(err.T)  # (B, S)
+        self.errtab = np.ascontiguousarray(err.T, dtype=np.float32)  # (B, S)
         low = -1.0 + np.arange(N_BUCKETS) * (2.0 / N_BUCKETS) - 1e-9  # bucket lower edges
         # levels below index kstart cannot be nearest to any value >= the lower edge
         self.kstart = np.ascontiguousarray(

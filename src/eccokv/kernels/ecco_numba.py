@@ -118,7 +118,7 @@ def encode_blocks(
         # per-thread scratch, allocated once per chunk of blocks
         v = np.empty(g, np.float64)
         hist = np.zeros(nbuckets, np.int32)
-        approx = np.zeros(S, np.float64)
+        approx = np.zeros(S, np.float32)
         sym = np.empty(g, np.int64)
         best_sym = np.empty(g, np.int64)
         err2 = np.empty(g, np.float64)
@@ -154,8 +154,9 @@ def encode_blocks(
             # in lb bits as a fraction of the signed max, to -1
             sg = np.float32(-gs if neg else gs)
             umin = 1.0
+            isg = 1.0 / np.float64(sg)
             for j in range(nv):
-                u = x[j] / np.float64(sg)
+                u = x[j] * isg
                 if u < umin:
                     umin = u
             ql = int(np.round((1.0 - umin) * 0.5 * qmax))
@@ -166,16 +167,17 @@ def encode_blocks(
                 # many values at the low extreme (e.g. one outlier above a tight cluster):
                 # its level has a long code there, so use the symmetric range [-max, max]
                 nlow = 0
+                thr = B - 0.9 * A  # v < -0.9  <=>  x < thr (A > 0) or x > thr (A < 0)
                 for j in range(nv):
-                    if (x[j] - B) / A < -0.9:
-                        nlow += 1
+                    nlow += (x[j] < thr) if A > 0 else (x[j] > thr)
                 if nlow * 4 > nv:
                     ql = qmax
                     A = np.float64(np.float32(sg * htab[ql]))
                     B = np.float64(np.float32(sg * ctab[ql]))
+            iA = 1.0 / A if A != 0.0 else 0.0
             for j in range(g):
                 if j < nv:
-                    v[j] = (x[j] - B) / A if A != 0.0 else 1.0
+                    v[j] = (x[j] - B) * iA if A != 0.0 else 1.0
                 else:
                     v[j] = 0.0
             # candidate patterns by a histogram proxy of the squared error
@@ -190,20 +192,20 @@ def encode_blocks(
                 h = hist[bk]
                 if h:
                     row = errtab[bk]
-                    hf = np.float64(h)
+                    hf = np.float32(h)
                     for p in range(S):
                         approx[p] += hf * row[p]
             # the ncand best patterns by the proxy (partial selection, no sort)
             nc = min(ncand, S)
             for ci in range(nc):
                 bp = 0
-                bv = np.inf
+                bv = np.float32(np.inf)
                 for pp in range(S):
                     if approx[pp] < bv:
                         bv = approx[pp]
                         bp = pp
                 order[ci] = bp
-                approx[bp] = np.inf
+                approx[bp] = np.float32(np.inf)
             best_err = np.inf
             best_p = -1
             best_h = 0
