@@ -163,7 +163,7 @@ class Profile:
         return prof
 
 
-DEFAULT_PROFILE_FILE = "default.safetensors"
+DEFAULT_PROFILE_FILE = "default.ecprof"  # safetensors format; a tiny table file, not weights
 _TABLES: dict[str, VariantTables] = {}
 _DEFAULT: list[Profile] = []
 
