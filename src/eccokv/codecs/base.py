@@ -288,8 +288,3 @@ def make_compressed(
     arrs = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     return Compressed(codec.get_config(), tuple(int(s) for s in shape), dtype, axis, arrs,
                       dict(meta or {}))
-
-
-def write_out(values: torch.Tensor, out: torch.Tensor) -> None:
-    """Copy float32 `values` (same shape) into `out`, converting dtype."""
-    out.copy_(values.reshape(out.shape))
