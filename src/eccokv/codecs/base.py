@@ -95,7 +95,9 @@ def check_input(x: Any, what: str = "x") -> torch.Tensor:
     x = x.detach()
     if x.device.type != "cpu":
         x = x.cpu()
-    if x.numel():
+    # One reduction on the hot path (max propagates NaN; Inf stays Inf); the detailed
+    # count and positions are computed only for input that is actually bad.
+    if x.numel() and not bool(torch.isfinite(x.abs().amax())):
         bad = ~torch.isfinite(x)
         nbad = int(bad.sum())
         if nbad:
@@ -267,6 +269,12 @@ class Codec(ABC):
         cfg = dict(config)
         cfg.pop("id", None)
         return cls(**cfg)
+
+    @staticmethod
+    def prepare(c: Compressed) -> None:
+        """Hook run by `from_bytes` before the codec is built from the data's config
+        (e.g. to register tables the data carries). Default: nothing."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Counters gathered while encoding (e.g. how often a fallback mode fired)."""

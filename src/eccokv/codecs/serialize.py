@@ -93,9 +93,8 @@ def from_bytes(b: bytes | bytearray | memoryview) -> Compressed:
     from eccokv.codecs import families, get
 
     fam = families().get(c.codec_config["id"])
-    prepare = getattr(fam, "prepare", None)
-    if prepare is not None:
-        prepare(c)
+    if fam is not None:
+        fam.prepare(c)
     try:
         codec = get(c.codec_config)
     except (KeyError, TypeError, ValueError) as e:
