@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import eccokv.codecs as C
@@ -114,6 +114,8 @@ def test_fast_decoder_equals_reference_bit_for_bit(name, shape, axis):
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 300), st.integers(1, 5), st.sampled_from(ECCO),
        st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(0, 2**31))
+# found by CI: a short last group whose padding symbols crowded out the real values' codes
+@example(3, 39, 1, "ecco4", torch.float32, 0)
 def test_roundtrip_property(rows, length, cols, name, dtype, seed):
     codec = C.get(name)
     x = _data((rows, length, cols), seed=seed, dtype=dtype)

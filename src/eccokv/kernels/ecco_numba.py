@@ -114,6 +114,11 @@ def encode_blocks(
     qmax = (1 << lb) - 1
     nchunks = min(nb, 256)
     per = (nb + nchunks - 1) // nchunks
+    minsym = np.zeros(H, np.int64)  # per codebook: the symbol with the shortest code
+    for hh in range(H):
+        for k in range(NL):
+            if lengths[hh, k] < lengths[hh, minsym[hh]]:
+                minsym[hh] = k
     for ch in prange(nchunks):
         # per-thread scratch, allocated once per chunk of blocks
         v = np.empty(g, np.float64)
@@ -226,18 +231,16 @@ def encode_blocks(
                         e = vj - lp[k]
                         err2[j] = e * e
                         tot += e * e
+                        sym[j] = k
+                        cnt[k] += 1
                     else:
-                        # padding: the level nearest 0, no error counted
-                        k = ks[nbuckets // 2]
-                        while k < NL - 1 and 0.0 > mp[k]:
-                            k += 1
+                        # padding (decoded and dropped): the codebook's shortest code,
+                        # chosen below with the codebook; no error counted
                         err2[j] = 0.0
-                    sym[j] = k
-                    cnt[k] += 1
                 hbest = 0
                 lbest = 1 << 30
                 for hh in range(H):
-                    ln = 0
+                    ln = (g - nv) * lengths[hh, minsym[hh]]
                     for k in range(NL):
                         ln += cnt[k] * lengths[hh, k]
                     if ln < lbest:
@@ -282,7 +285,8 @@ def encode_blocks(
                     best_err = tot
                     best_p = p
                     best_h = hbest
-                    best_sym[:] = sym
+                    best_sym[:nv] = sym[:nv]
+                    best_sym[nv:] = minsym[hbest]
             sign_bit = 1 if neg else 0
             if best_p >= 0:
                 pos = 0
