@@ -10,4 +10,12 @@ __version__ = "0.1.0"
 
 from eccokv import codecs  # noqa: E402
 
-__all__ = ["__version__", "codecs"]
+__all__ = ["EccoCache", "__version__", "codecs"]
+
+
+def __getattr__(name: str):  # lazy: importing transformers is slow and optional
+    if name == "EccoCache":
+        from eccokv.hf.cache import EccoCache
+
+        return EccoCache
+    raise AttributeError(f"module 'eccokv' has no attribute {name!r}")

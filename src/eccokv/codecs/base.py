@@ -186,6 +186,9 @@ class Codec(ABC):
     """
 
     codec_id: ClassVar[str]
+    # values per group along the encode axis (1: no grouping, e.g. per-tensor fp8). A cache
+    # grouping over tokens compresses whole groups only, so this is its token granularity.
+    group_size: int = 1
 
     def encode(self, x: torch.Tensor, axis: int = -1) -> Compressed:
         """Compress `x` (any shape; float32/float16/bfloat16) in groups along `axis`."""

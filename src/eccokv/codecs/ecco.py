@@ -94,6 +94,7 @@ class EccoCodec(Codec):
     """
 
     codec_id = "ecco"
+    group_size = GROUP_SIZE
 
     def __init__(self, variant: str = "ecco4", profile: str | Profile | None = "default",
                  candidates: int = 2, patch_order: str = "error",
