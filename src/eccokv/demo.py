@@ -1,8 +1,12 @@
-"""`make demo` / `eccokv demo`: compress the real KV cache of a long Wikipedia article.
+"""`make demo` / `eccokv demo`: a real model answers a question about a long article
+with a compressed KV cache, next to the plain cache.
 
-SmolLM2 reads a real article (>= 3K tokens); its K/V of every layer are compressed by each
-codec; the demo prints bits/value (all bytes counted), the KV-cache size against fp16,
-relative error of K and V, and encode/decode speed, measured in this run.
+1. SmolLM2 reads a Wikipedia article (>= 3K tokens) and answers a question about it twice:
+   with transformers' plain DynamicCache and with EccoCache(ecco4). Printed: both answers,
+   how many answer tokens agree, the KV bytes each cache holds (and the fp16 equivalent),
+   and the time each run took, all measured in this run.
+2. The same article's K/V of every layer compressed by each codec: bits/value (all bytes
+   counted), size against fp16, relative error of K and V, encode/decode speed.
 """
 
 from __future__ import annotations
@@ -29,8 +33,85 @@ def _encode_all(codec: codecs.Codec, kv: list[tuple[torch.Tensor, torch.Tensor]]
     return out, time.perf_counter() - t0
 
 
+# A question per article whose answer is in the compressed part of the cache (early in
+# the article); other articles get a generic question.
+QUESTIONS = {
+    "Android (robot)": "From which language's root was the word android coined, and what "
+                       "does the suffix -oid mean?",
+}
+GENERIC_QUESTION = "In two sentences, what is the article above about?"
+
+
+def _kv_bytes(cache: Any) -> int:
+    """Bytes of the K/V tensors a plain DynamicCache holds."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
+def answer_question(model: Any, tok: Any, title: str, text: str, codec: str = "ecco4",
+                    max_new_tokens: int = 48, say: Any = print) -> dict[str, Any]:
+    """Answer QUESTIONS[title] about `text` with DynamicCache and with EccoCache(codec)."""
+    from transformers import DynamicCache
+
+    from eccokv.hf.cache import EccoCache
+
+    question = QUESTIONS.get(title, GENERIC_QUESTION)
+    msgs = [{"role": "user", "content": f"{text}\n\n{question}"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    n = int(ids.shape[1])
+    say(f"Question ({n} prompt tokens): {question}")
+    runs = {}
+    for name in ("plain", codec):
+        cache = (DynamicCache(config=model.config) if name == "plain"
+                 else EccoCache(model.config, codec))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, past_key_values=cache,
+                                 pad_token_id=tok.eos_token_id)
+        dt = time.perf_counter() - t0
+        gen = out[0, n:]
+        if name == "plain":
+            held = _kv_bytes(cache)
+            fp16 = held * 2 // next(iter(cache.layers)).keys.element_size()
+        else:
+            rep = cache.memory_report()
+            held, fp16 = rep["total_bytes"], rep["fp16_bytes"]
+        runs[name] = {"answer": tok.decode(gen, skip_special_tokens=True).strip(),
+                      "tokens": gen.tolist(), "seconds": dt, "kv_bytes": held,
+                      "fp16_bytes": fp16, "new_tokens": int(gen.numel())}
+    a, b = runs["plain"]["tokens"], runs[codec]["tokens"]
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    agree = same / max(len(a), 1)
+    mib = 2.0 ** 20
+    for name, r in runs.items():
+        label = "plain DynamicCache" if name == "plain" else f"EccoCache({codec})"
+        say(f"\n[{label}] {r['answer']}")
+    p, e = runs["plain"], runs[codec]
+    say("")
+    say(f"{'cache':22s} {'KV MiB':>8s} {'vs plain':>9s} {'vs fp16':>8s} {'time s':>7s} "
+        f"{'tok/s':>6s}")
+    for name, r in runs.items():
+        label = f"plain ({next(iter(model.parameters())).dtype})".replace("torch.", "") \
+            if name == "plain" else f"EccoCache({codec})"
+        say(f"{label:22s} {r['kv_bytes'] / mib:8.2f} {r['kv_bytes'] / p['kv_bytes']:9.3f} "
+            f"{r['kv_bytes'] / r['fp16_bytes']:8.3f} {r['seconds']:7.2f} "
+            f"{r['new_tokens'] / r['seconds']:6.1f}")
+    say(f"fp16 equivalent of the same tokens: {p['fp16_bytes'] / mib:.2f} MiB. Answer tokens "
+        f"identical to the plain run: {same}/{len(a)} ({100 * agree:.0f}%).")
+    k0 = rep["layers"][0]["key"]
+    say(f"EccoCache kept {k0['sink_tokens']} first and {k0['exact_tokens']} most recent tokens "
+        f"exact (model dtype) and compressed {k0['compressed_tokens']}. Time includes prefill "
+        "and decoding the compressed cache at every step (no fused attention yet).")
+    return {"question": question, "prompt_tokens": n, "runs": runs, "agreement": agree,
+            "kv_ratio_vs_plain": e["kv_bytes"] / p["kv_bytes"],
+            "kv_ratio_vs_fp16": e["kv_bytes"] / e["fp16_bytes"]}
+
+
 def run_demo(model_name: str = "smollm2", codec_names: Sequence[str] = ("ecco4",),
-             min_tokens: int = 3000, verbose: bool = True) -> dict[str, Any]:
+             min_tokens: int = 3000, verbose: bool = True, qa_codec: str = "ecco4",
+             max_new_tokens: int = 48) -> dict[str, Any]:
     from eccokv import data, models
     from eccokv.hf.capture import capture_kv
 
@@ -41,6 +122,11 @@ def run_demo(model_name: str = "smollm2", codec_names: Sequence[str] = ("ecco4",
     ids = tok(text, return_tensors="pt").input_ids
     say(f"Model {model_name}; article '{title}' ({ids.shape[1]} tokens); loading took "
         f"{time.perf_counter() - t0:.1f} s")
+    say("")
+    say("== 1. Question answering with a compressed KV cache ==")
+    qa = answer_question(model, tok, title, text, qa_codec, max_new_tokens, say)
+    say("")
+    say("== 2. The article's KV cache compressed by each codec ==")
     t1 = time.perf_counter()
     kv = capture_kv(model, ids)
     prefill = time.perf_counter() - t1
@@ -90,4 +176,4 @@ def run_demo(model_name: str = "smollm2", codec_names: Sequence[str] = ("ecco4",
             "group of each channel is padded (fixed-size Ecco blocks); the KV cache keeps "
             "such recent tokens exact instead.")
     return {"model": model_name, "article": title, "tokens": int(ids.shape[1]),
-            "prefill_s": prefill, "fp16_bytes": fp16_bytes, "rows": rows}
+            "qa": qa, "prefill_s": prefill, "fp16_bytes": fp16_bytes, "rows": rows}
