@@ -1,0 +1,570 @@
+"""Attention straight from a compressed KV cache: `fused_attention` and its reference.
+
+The cache holds, per layer and batch element, K as a list of compressed chunks (each a
+`Compressed` of shape [Hkv, Tc, D]) followed by an exact tail [Hkv, Te, D]; V the same,
+possibly with another codec and other chunk boundaries but the same total length T.
+`fused_attention` computes softmax(q K^T * scaling + mask) V without ever materialising
+the decoded K or V: every compressed block is decoded once per query tile, in code space,
+into a per-thread buffer and used at once by all the query heads that share its KV head
+(numba kernels in `attention_numba.py`). `reference_attention` decodes, concatenates,
+repeats the KV heads and runs the same maths in float32 (or torch SDPA): the
+"decode-then-attention" path the fused one must match to 1e-4 (relative, fp32).
+
+Supported compressed chunks (see `fused_supported`): Ecco (`ecco4/3/2`, any profile)
+grouped over tokens (axis 1 of [Hkv, T, D]); int codecs (`int2/3/4/8`, `kivi2/3/4`, any
+group size) grouped over tokens (axis 1, KIVI's key layout) or over channels (axis 2,
+KIVI's value layout). Anything else raises `FusedAttentionUnsupported` (a ValueError), so
+the caller can fall back to `reference_attention`. This module imports no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+
+from eccokv import codecs
+from eccokv.codecs.base import SUPPORTED_DTYPES, Codec, CodecError, Compressed, check_input
+
+__all__ = [
+    "FusedAttentionUnsupported",
+    "fused_attention",
+    "fused_supported",
+    "reference_attention",
+    "unsupported_reason",
+]
+
+KIND_ECCO, KIND_INT_TOKENS, KIND_INT_CHANNELS = 0, 1, 2
+_EXACT_SPAN = 64  # tokens per work item of the exact tail
+_INT_CH_SPAN = 64  # tokens per work item of an int chunk grouped over channels
+_V_SPAN = 256  # tokens per V work item of an int chunk grouped over channels
+MAX_TILE_ROWS = 128  # query rows (n_rep * queries) decoded against per block
+
+
+class FusedAttentionUnsupported(ValueError):
+    """The (codec, axis) of a chunk has no fused kernel: use `reference_attention`."""
+
+
+# ----------------------------------------------------------------------------- support
+
+
+def _config_of(codec: str | dict[str, Any] | Codec) -> dict[str, Any]:
+    if isinstance(codec, Codec):
+        return codec.get_config()
+    if isinstance(codec, str):
+        return codecs.get(codec).get_config()
+    if isinstance(codec, dict):
+        return codec
+    raise TypeError(f"codec must be a name, a config dict or a Codec, got {type(codec).__name__}")
+
+
+def unsupported_reason(codec: str | dict[str, Any] | Codec, axis: int) -> str | None:
+    """Why chunks of shape [Hkv, T, D] made by `codec` with `axis` cannot take the fused
+    path, or None if they can. `axis` may be negative (-2 == 1, -1 == 2)."""
+    try:
+        cfg = _config_of(codec)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"unknown codec ({e})"
+    cid = cfg.get("id")
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -3 <= axis < 3:
+        return f"axis {axis!r} is not an axis of a [Hkv, T, D] chunk"
+    ax = int(axis) % 3
+    if cid == "ecco":
+        if ax != 1:
+            return (f"Ecco chunks must be grouped over tokens (axis 1 of [Hkv, T, D]), "
+                    f"got axis {ax}")
+        return None
+    if cid == "int":
+        if ax not in (1, 2):
+            return f"int chunks must be grouped along axis 1 (tokens) or 2 (channels), got {ax}"
+        return None
+    return f"codec {cid!r} has no fused attention kernel (supported: ecco, int)"
+
+
+def fused_supported(codec: str | dict[str, Any] | Codec, axis: int) -> bool:
+    """True if chunks [Hkv, T, D] made by `codec` grouped along `axis` can be attended to by
+    `fused_attention` (Ecco on axis 1; int/KIVI on axis 1 or 2)."""
+    return unsupported_reason(codec, axis) is None
+
+
+# ----------------------------------------------------------------------------- codec cache
+
+_CODECS: dict[str, Codec] = {}
+_CONSTS: dict[str, tuple[np.ndarray, ...]] = {}
+_LOCK = threading.Lock()
+
+_I64 = np.zeros(8, np.int64)
+_F32 = np.zeros(1, np.float32)
+_F64 = np.zeros(1, np.float64)
+_U16 = np.zeros(1, np.uint16)
+_U8 = np.zeros(1, np.uint8)
+_NO_ECCO = (_I64, _F32, _U16, _F64, _F32, _F32, _F32)
+_NO_ITEMS = tuple(np.zeros(0, np.int64) for _ in range(4))
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _codec_for(cfg: dict[str, Any]) -> Codec:
+    k = _key(cfg)
+    c = _CODECS.get(k)
+    if c is None:
+        try:
+            c = codecs.get(cfg)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CodecError(f"cannot build the codec {cfg} of the compressed data: {e}") from e
+        with _LOCK:
+            _CODECS[k] = c
+    return c
+
+
+def _ecco_consts(codec: Codec) -> tuple[np.ndarray, ...]:
+    """(ep, levels_flat, dtab, sbase, ctab, htab, ptab) for the Ecco kernels."""
+    k = _key(codec.get_config())
+    cst = _CONSTS.get(k)
+    if cst is None:
+        from eccokv.codecs.ecco import _PTAB, POS_BITS
+
+        t = codec.t  # type: ignore[attr-defined]
+        if (t.S != 1 << t.pattern_bits or t.H != 1 << t.codebook_bits or not 2 <= t.NL <= 16
+                or t.dtab.dtype != np.uint16 or t.dtab.shape != (t.H * 256,)):
+            raise CodecError("Ecco tables do not fit the fused kernel (need power-of-two "
+                             "pattern/codebook counts, <= 16 levels, 8-bit decode tables)")
+        smax = (1 << codec.scale_bits) - 1  # type: ignore[attr-defined]
+        s = np.arange(smax + 1, dtype=np.float64)
+        # the same float64 powers as EccoCodec.scale_table; the kernel multiplies by tscale
+        # and rounds to float32, so group scales are bit-identical to the decoder's
+        sbase = np.ascontiguousarray(np.exp2((s - smax) / codec.scale_steps))  # type: ignore
+        ep = np.array([codec.block_bits, codec.scale_bits, codec.low_bits,  # type: ignore
+                       t.pattern_bits, t.codebook_bits, codec.fallback_bits,  # type: ignore
+                       POS_BITS, t.NL], dtype=np.int64)
+        cst = (ep, np.ascontiguousarray(t.levels_flat, np.float32),
+               np.ascontiguousarray(t.dtab), sbase,
+               np.ascontiguousarray(codec.ctab, np.float32),  # type: ignore[attr-defined]
+               np.ascontiguousarray(codec.htab, np.float32),  # type: ignore[attr-defined]
+               np.ascontiguousarray(_PTAB, np.float32))
+        with _LOCK:
+            _CONSTS[k] = cst
+    return cst
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+@dataclass
+class _Stream:
+    """One validated K or V stream, ready for the kernels."""
+
+    name: str
+    Hkv: int
+    D: int
+    kind: int = KIND_ECCO
+    ch: np.ndarray = field(default_factory=lambda: np.zeros((0, 8), np.int64))
+    tsc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    consts: tuple[np.ndarray, ...] = _NO_ECCO
+    G: int = 128
+    bits: int = 4
+    Tc: int = 0  # compressed tokens
+    exact: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
+    Te: int = 0
+    keep: list[Any] = field(default_factory=list)  # keeps chunk arrays alive
+
+    @property
+    def T(self) -> int:
+        return self.Tc + self.Te
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def _prepare_stream(chunks: Sequence[Compressed] | None, exact: torch.Tensor | None,
+                    name: str) -> _Stream:
+    """Validate a stream (every chunk through its codec's own checks) and build the chunk
+    table. Raises TypeError/ValueError/CodecError/FusedAttentionUnsupported."""
+    if chunks is None:
+        chunks = []
+    if isinstance(chunks, Compressed) or not isinstance(chunks, (list, tuple)):
+        raise TypeError(f"{name} chunks must be a list of Compressed, got {type(chunks).__name__}")
+    Hkv = D = -1
+    cfg: dict[str, Any] | None = None
+    axis = -1
+    codec: Codec | None = None
+    rows: list[list[int]] = []
+    tsc: list[float] = []
+    keep: list[Any] = []
+    t0 = 0
+    for i, c in enumerate(chunks):
+        if not isinstance(c, Compressed):
+            raise TypeError(f"{name} chunk {i} is a {type(c).__name__}, not a Compressed")
+        if len(c.shape) != 3:
+            raise ValueError(f"{name} chunk {i} has shape {c.shape}; expected [Hkv, T, D]")
+        if cfg is None:
+            cfg, axis = c.codec_config, c.axis
+            why = unsupported_reason(cfg, axis) if isinstance(cfg, dict) else "no codec config"
+            if why is not None:
+                raise FusedAttentionUnsupported(
+                    f"{name} chunks: {why}; decode them and use reference_attention instead")
+            codec = _codec_for(cfg)
+            Hkv, D = c.shape[0], c.shape[2]
+        elif c.codec_config != cfg or c.axis != axis:
+            raise ValueError(f"{name} chunk {i} was made by {c.codec_config} on axis {c.axis}, "
+                             f"chunk 0 by {cfg} on axis {axis}: all chunks of one stream must "
+                             f"share one codec config and axis")
+        assert codec is not None
+        codec.check_compatible(c)
+        codec.validate(c)
+        h, tc, d = c.shape
+        if (h, d) != (Hkv, D):
+            raise ValueError(f"{name} chunk {i} has shape {c.shape}, but chunk 0 has "
+                             f"Hkv={Hkv}, D={D}")
+        if tc == 0:
+            continue
+        a = c.arrays
+        if cfg["id"] == "ecco":
+            rows.append([_addr(a["blocks"]), 0, 0, tc, t0, 0, a["blocks"].size, 0])
+            tsc.append(float(a["tscale"][0]))
+            keep.append(a["blocks"])
+        else:
+            is32 = int(a["scale"].dtype == np.float32)
+            rows.append([_addr(a["codes"]), _addr(a["scale"]), _addr(a["zero"]), tc, t0, is32,
+                         a["codes"].size, a["scale"].size])
+            keep += [a["codes"], a["scale"], a["zero"]]
+        t0 += tc
+    if exact is not None:
+        if not isinstance(exact, torch.Tensor):
+            raise TypeError(f"{name} exact tail must be a torch.Tensor, got "
+                            f"{type(exact).__name__}")
+        if exact.dim() != 3 or exact.dtype not in SUPPORTED_DTYPES or exact.is_complex():
+            raise ValueError(f"{name} exact tail must be a float32/float16/bfloat16 tensor "
+                             f"[Hkv, Te, D], got {exact.dtype} {tuple(exact.shape)}")
+        if exact.device.type != "cpu":
+            raise ValueError(f"{name} exact tail must be on the CPU")
+        if Hkv < 0:
+            Hkv, D = exact.shape[0], exact.shape[2]
+        elif (exact.shape[0], exact.shape[2]) != (Hkv, D):
+            raise ValueError(f"{name} exact tail has shape {tuple(exact.shape)}, but the "
+                             f"chunks have Hkv={Hkv}, D={D}")
+    if Hkv < 0:
+        raise ValueError(f"{name}: give at least one chunk or an exact tail (its shape gives "
+                         f"Hkv and D)")
+    st = _Stream(name, Hkv, D, Tc=t0, keep=keep)
+    if rows:
+        assert codec is not None and cfg is not None
+        st.ch = np.array(rows, dtype=np.int64)
+        st.tsc = np.array(tsc if tsc else [0.0] * len(rows), dtype=np.float64)
+        if cfg["id"] == "ecco":
+            st.kind = KIND_ECCO
+            st.consts = _ecco_consts(codec)
+        else:
+            st.kind = KIND_INT_TOKENS if axis == 1 else KIND_INT_CHANNELS
+            st.G = int(codec.group_size)  # type: ignore[attr-defined]
+            st.bits = int(codec.bits)  # type: ignore[attr-defined]
+    if exact is not None and exact.shape[1] > 0:
+        st.Te = int(exact.shape[1])
+        st.exact = exact.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+    return st
+
+
+def _spans(lengths: np.ndarray, span: int, Hkv: int, chunk_ids: np.ndarray) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Work items (chunk, head, start, count) covering each length in `span`-token pieces."""
+    lengths = np.asarray(lengths, np.int64)
+    nsp = (lengths + span - 1) // span
+    per = nsp * Hkv
+    tot = int(per.sum())
+    c = np.repeat(chunk_ids.astype(np.int64), per)
+    k = np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    nsp_r = np.repeat(nsp, per)
+    h = k // nsp_r
+    s = (k % nsp_r) * span
+    n = np.minimum(span, np.repeat(lengths, per) - s)
+    return c, h, s, n
+
+
+def _items(st: _Stream, span: int, exact_span: int) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray, np.ndarray]:
+    """Work items (chunk, head, first token, count): each chunk cut into `span`-token
+    pieces per KV head, then the exact tail (chunk index = number of chunks)."""
+    nch = st.ch.shape[0]
+    parts = [_spans(st.ch[:, 3], span, st.Hkv, np.arange(nch))]
+    if st.Te:
+        parts.append(_spans(np.array([st.Te]), exact_span, st.Hkv, np.array([nch])))
+    return tuple(np.ascontiguousarray(np.concatenate([p[i] for p in parts]))
+                 for i in range(4))  # type: ignore[return-value]
+
+
+def _k_items(st: _Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if st.kind == KIND_ECCO:
+        span = 128
+    elif st.kind == KIND_INT_TOKENS:
+        span = st.G * max(1, 128 // st.G)
+    else:
+        span = _INT_CH_SPAN
+    return _items(st, span, _EXACT_SPAN)
+
+
+def _v_items(st: _Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Token-span V items, used only for int chunks grouped over channels (kind 2)."""
+    if st.kind != KIND_INT_CHANNELS or st.ch.shape[0] == 0:
+        return _NO_ITEMS
+    return _items(st, _V_SPAN, _V_SPAN)
+
+
+def _v_width(Hkv: int, D: int, nthreads: int) -> int:
+    """Channels per V work item: as many as possible (each item re-reads the weights p)
+    while leaving >= 4 items per thread."""
+    for dw in (16, 8):
+        if Hkv * -(-D // dw) >= 4 * nthreads:
+            return dw
+    return 4
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _prepare_mask(mask: torch.Tensor | None, Lq: int, T: int) -> tuple[int, np.ndarray,
+                                                                       np.ndarray]:
+    """(mode, allow uint8 [Lq*T], bias float32 [Lq*T]); mode 0 = causal aligned at the end,
+    1 = boolean mask, 2 = additive float mask (-inf = not allowed)."""
+    if mask is None:
+        return 0, _U8, _F32
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a torch.Tensor, got {type(mask).__name__}")
+    m = mask.detach()
+    while m.dim() > 2 and m.shape[0] == 1:
+        m = m[0]
+    if tuple(m.shape) != (Lq, T):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [Lq, T] = [{Lq}, {T}] "
+                         f"(leading dims of size 1 are allowed)")
+    m = m.cpu()
+    if m.dtype == torch.bool:
+        return 1, m.to(torch.uint8).contiguous().reshape(-1).numpy(), _F32
+    if not m.is_floating_point():
+        raise TypeError(f"mask must be bool or floating point, got {m.dtype}")
+    b = m.to(torch.float32)
+    if bool(torch.isnan(b).any()) or bool(torch.isposinf(b).any()):
+        raise ValueError("float mask contains NaN or +inf")
+    allow = ~torch.isneginf(b)
+    b = torch.where(allow, b, torch.zeros((), dtype=torch.float32))
+    return (2, allow.to(torch.uint8).contiguous().reshape(-1).numpy(),
+            b.contiguous().reshape(-1).numpy())
+
+
+def _check_q(q: Any) -> torch.Tensor:
+    q = check_input(q, "q")  # TypeError / ValueError (NaN, Inf) with positions
+    if q.dim() != 3:
+        raise ValueError(f"q must be [Hq, Lq, D], got shape {tuple(q.shape)}")
+    return q
+
+
+def _check_shapes(q: torch.Tensor, ks: _Stream, vs: _Stream) -> int:
+    Hq, _, D = q.shape
+    if (ks.Hkv, ks.D) != (vs.Hkv, vs.D):
+        raise ValueError(f"K has Hkv={ks.Hkv}, D={ks.D} but V has Hkv={vs.Hkv}, D={vs.D}")
+    if ks.D != D:
+        raise ValueError(f"q has head_dim {D} but K/V have {ks.D}")
+    if ks.T != vs.T:
+        raise ValueError(f"K holds {ks.T} tokens ({ks.Tc} compressed + {ks.Te} exact) but V "
+                         f"holds {vs.T} ({vs.Tc} + {vs.Te})")
+    if ks.Hkv == 0 or Hq % ks.Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {ks.Hkv} KV heads")
+    return Hq // ks.Hkv
+
+
+def _check_scaling(scaling: Any) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    s = float(scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"scaling must be finite, got {s}")
+    return s
+
+
+def _default_threads(num_threads: int | None) -> int:
+    if num_threads is None:
+        return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+            or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    return int(num_threads)
+
+
+@contextmanager
+def _numba_threads(n: int) -> Iterator[int]:
+    prev = numba.get_num_threads()
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        numba.set_num_threads(prev)
+
+
+_tls = threading.local()
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """A per-thread float32 work buffer of at least n elements (reused across calls)."""
+    buf = getattr(_tls, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1), np.float32)
+        setattr(_tls, name, buf)
+    return buf[:n]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
+                    k_exact: torch.Tensor | None, v_chunks: Sequence[Compressed] | None,
+                    v_exact: torch.Tensor | None, *, scaling: float,
+                    mask: torch.Tensor | None = None,
+                    num_threads: int | None = None) -> torch.Tensor:
+    """softmax(q K^T * scaling + mask) V straight from a compressed cache -> [Hq, Lq, D].
+
+    q: [Hq, Lq, D] float32/bfloat16/float16 (computed in float32, returned in q's dtype);
+    query head h uses KV head h // (Hq // Hkv) (GQA/MQA, as transformers' repeat_kv).
+    k_chunks / v_chunks: lists of `Compressed` [Hkv, Tc, D] (one codec config and axis per
+    stream; see `fused_supported`), followed by k_exact / v_exact [Hkv, Te, D] (or None);
+    K and V must hold the same number of tokens T.
+    mask: None = causal aligned at the end (query i attends to t <= T - Lq + i); or [Lq, T]
+    (leading size-1 dims allowed) bool (True = attend) or float additive (-inf = blocked;
+    finite large negatives are added like any bias). A query row with no allowed token
+    outputs zeros.
+    num_threads: numba threads for this call (default: min of numba's and torch's).
+    Raises TypeError/ValueError for bad inputs, CodecError for corrupt or mismatched
+    chunks, FusedAttentionUnsupported for a codec/axis without a fused kernel.
+    """
+    from eccokv.kernels import attention_numba as kn
+
+    q = _check_q(q)
+    scaling = _check_scaling(scaling)
+    ks = _prepare_stream(k_chunks, k_exact, "K")
+    vs = _prepare_stream(v_chunks, v_exact, "V")
+    n_rep = _check_shapes(q, ks, vs)
+    Hq, Lq, D = q.shape
+    Hkv, T = ks.Hkv, ks.T
+    mode, allow, bias = _prepare_mask(mask, Lq, T)
+    nthreads = _default_threads(num_threads)
+    out = torch.zeros(Hkv, n_rep, Lq, D, dtype=torch.float32)
+    if T == 0 or Lq == 0 or D == 0:
+        return out.reshape(Hq, Lq, D).to(q.dtype)
+    qs = (q.to(torch.float32) * scaling).reshape(Hkv, n_rep, Lq, D)
+    Lt = max(1, min(32, MAX_TILE_ROWS // n_rep, Lq))
+    it_c, it_h, it_s, it_n = _k_items(ks)
+    vit = _v_items(vs)
+    bad_k = np.zeros(max(1, ks.ch.shape[0]), np.uint8)
+    bad_v = np.zeros(max(1, vs.ch.shape[0]), np.uint8)
+    with _numba_threads(nthreads) as nt:
+        dw = _v_width(Hkv, D, nt)
+        for i0 in range(0, Lq, Lt):
+            lt = min(Lt, Lq - i0)
+            R = n_rep * lt
+            qf = qs[:, :, i0:i0 + lt].contiguous().reshape(-1).numpy()
+            S = _scratch("S", Hkv * R * T)
+            lsum = _scratch("lsum", Hkv * R)
+            o = _scratch("out", Hkv * R * D)
+            kn.k_phase(ks.kind, *ks.consts, ks.G, ks.bits, ks.ch, ks.tsc, it_c, it_h, it_s,
+                       it_n, ks.exact, ks.Te, ks.Tc, qf, Hkv, R, D, T, S, bad_k, mode, allow,
+                       bias, i0, lt, Lq, lsum)
+            _raise_bad(bad_k, "K")
+            part = _scratch("part", vit[0].shape[0] * R * D)
+            kn.v_phase(vs.kind, *vs.consts, vs.G, vs.bits, vs.ch, vs.tsc, vs.exact, vs.Te,
+                       vs.Tc, S, lsum, Hkv, R, D, T, dw, o, bad_v, *vit, part)
+            _raise_bad(bad_v, "V")
+            out[:, :, i0:i0 + lt] = torch.from_numpy(o).view(Hkv, n_rep, lt, D)
+    return out.reshape(Hq, Lq, D).to(q.dtype)
+
+
+def _raise_bad(bad: np.ndarray, name: str) -> None:
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        raise CodecError(f"{name} chunk(s) {idx.tolist()} hold corrupt Ecco blocks (a code "
+                         f"stream overruns its block)")
+
+
+def _decode_stream(chunks: Sequence[Compressed] | None, exact: torch.Tensor | None,
+                   name: str) -> torch.Tensor:
+    parts = []
+    for i, c in enumerate(chunks or []):
+        if not isinstance(c, Compressed):
+            raise TypeError(f"{name} chunk {i} is a {type(c).__name__}, not a Compressed")
+        codec = _codec_for(c.codec_config)
+        parts.append(codec.decode(c, out=torch.empty(c.shape, dtype=torch.float32)))
+    if exact is not None:
+        parts.append(exact.detach().to(torch.float32))
+    if not parts:
+        raise ValueError(f"{name}: give at least one chunk or an exact tail")
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def reference_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
+                        k_exact: torch.Tensor | None, v_chunks: Sequence[Compressed] | None,
+                        v_exact: torch.Tensor | None, *, scaling: float,
+                        mask: torch.Tensor | None = None, num_threads: int | None = None,
+                        sdpa: bool = False) -> torch.Tensor:
+    """Decode-then-attention with the semantics of `fused_attention` -> [Hq, Lq, D].
+
+    Every chunk is decoded with `codec.decode` into float32, concatenated with the exact
+    tail, the KV heads are repeated (repeat_kv) and attention runs in float32: explicit
+    softmax (rows with no allowed token -> 0) by default, torch SDPA if `sdpa` (one query
+    without a mask folds the query heads of a KV head into one SDPA call; fully masked
+    rows then follow SDPA's own convention).
+    """
+    q = _check_q(q)
+    scaling = _check_scaling(scaling)
+    nthreads = _default_threads(num_threads)
+    prev_torch = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        with _numba_threads(nthreads):
+            K = _decode_stream(k_chunks, k_exact, "K")
+            V = _decode_stream(v_chunks, v_exact, "V")
+        if K.dim() != 3 or V.shape != K.shape:
+            raise ValueError(f"K {tuple(K.shape)} and V {tuple(V.shape)} must both be "
+                             f"[Hkv, T, D]")
+        Hq, Lq, D = q.shape
+        Hkv, T, Dk = K.shape
+        if Dk != D or Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"q {tuple(q.shape)} does not fit K/V {tuple(K.shape)}")
+        n_rep = Hq // Hkv
+        qf = q.to(torch.float32)
+        if sdpa and mask is None and Lq == 1:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qf.reshape(1, Hkv, n_rep, D), K[None], V[None], scale=scaling)
+            return o.reshape(Hq, 1, D).to(q.dtype)
+        if mask is None:
+            t = torch.arange(T)
+            allow = t[None, :] <= (T - Lq + torch.arange(Lq))[:, None]
+            bias = torch.zeros(Lq, T)
+        else:
+            mode, a, b = _prepare_mask(mask, Lq, T)
+            allow = torch.from_numpy(a.copy()).view(Lq, T).bool()
+            bias = torch.from_numpy(b.copy()).view(Lq, T) if mode == 2 else torch.zeros(Lq, T)
+        Kr = K.repeat_interleave(n_rep, dim=0)
+        Vr = V.repeat_interleave(n_rep, dim=0)
+        if sdpa:
+            am = torch.where(allow, bias, torch.tensor(float("-inf")))
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qf[None], Kr[None], Vr[None], attn_mask=am, scale=scaling)[0]
+            return o.to(q.dtype)
+        s = torch.matmul(qf, Kr.transpose(1, 2)) * scaling + bias
+        s = s.masked_fill(~allow, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        lsum = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, Vr) / torch.where(lsum > 0, lsum, torch.ones_like(lsum))
+        return o.to(q.dtype)
+    finally:
+        torch.set_num_threads(prev_torch)

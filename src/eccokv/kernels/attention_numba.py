@@ -1,0 +1,821 @@
+"""numba kernels: attention for one query tile straight from compressed K and V.
+
+Nothing is decoded to memory: each compressed block is decoded once per query tile into
+a small per-thread buffer (in "code space": Ecco levels / integer codes before the group
+scale and offset) and immediately used by every query row that shares its KV head.
+
+Conventions (all arrays flat; float32 unless stated):
+
+* ``qf`` [Hkv, R, D]: the tile's queries times the softmax scaling; row ``r = rep * Lt + i``
+  serves query head ``h * n_rep + rep`` and the tile's query ``i`` (``R = n_rep * Lt``).
+* ``S`` [Hkv, R, T]: scores; the softmax loop turns them into unnormalised weights p.
+* ``lsum`` [Hkv, R]: softmax denominators (0 for a row with no allowed token).
+* ``out`` [Hkv, R, D]: normalised attention output.
+
+A stream (K or V) is ``nch`` compressed chunks (all of one kind) followed by an exact
+float32 tail ``[Hkv, Te, D]``. Chunk c is row c of the int64 table ``ch``:
+``[addr0, addr1, addr2, Tc, t0, flag, n0, n1]`` (t0: first token of the chunk):
+
+* Ecco (kind 0, groups of 128 tokens of one channel): addr0 = blocks (uint64, n0 words),
+  ``tsc[c]`` = the chunk's per-tensor scale.
+* int (kind 1: groups of G tokens of one channel; kind 2: groups of G channels of one
+  token): addr0 = packed codes (uint8, n0 bytes), addr1 / addr2 = scale / zero
+  (n1 entries, float32 if flag == 1 else float16 bits).
+
+The chunks' arrays are reached through their addresses so that a whole stream is one
+kernel launch; the Python caller (`eccokv.kernels.attention`) validates every array
+(names, dtypes, sizes, contiguity) and keeps them alive for the call. numba does not
+bounds-check: every index below stays inside those validated sizes, and Ecco blocks
+whose code stream overruns are flagged in ``bad`` (per chunk) exactly as the decoder
+flags them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
+
+from eccokv.kernels.ecco_numba import _huff8, _patches
+
+_ONE = np.uint64(1)
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_NEG = np.float32(np.finfo(np.float32).min)
+_G = 128  # Ecco group size
+
+# ----------------------------------------------------------------------------- intrinsics
+
+
+def _ptr_intrinsic(nbtype):
+    @intrinsic
+    def ptr(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+        ptrty = types.CPointer(nbtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptrty))
+
+        return ptrty(addr), codegen
+
+    return ptr
+
+
+_ptr_u64 = _ptr_intrinsic(types.uint64)
+_ptr_u8 = _ptr_intrinsic(types.uint8)
+_ptr_u16 = _ptr_intrinsic(types.uint16)
+_ptr_f32 = _ptr_intrinsic(types.float32)
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    """Reinterpret the bits of an int32 / uint32 as a float32."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+# ----------------------------------------------------------------------------- scalar helpers
+
+_LOG2E = np.float32(1.44269504088896341)
+_C1 = np.float32(0.693359375)
+_C2 = np.float32(-2.12194440e-4)
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_HALF = np.float32(0.5)
+_XMIN = np.float32(-87.0)
+
+
+@njit(inline="always", cache=True)
+def _expf(x):
+    """exp(x) for float32 x in [-87, 0] (Cephes expf polynomial, ~1e-7 relative); plain
+    arithmetic so that loops over it vectorise (numba has no vector exp here)."""
+    fx = np.floor(x * _LOG2E + _HALF)
+    r = x - fx * _C1
+    r = r - fx * _C2
+    z = r * r
+    y = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * z + r + _F1
+    e = (np.int32(fx) + np.int32(127)) << np.int32(23)
+    return y * _bits_f32(np.int32(e))
+
+
+@njit(inline="always", cache=True)
+def _h2f(h):
+    """float16 bits (uint16) -> float32 (finite inputs; validated by the codec)."""
+    u = np.uint32(h)
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    e = (u >> np.uint32(10)) & np.uint32(0x1F)
+    m = u & np.uint32(0x3FF)
+    if e == 0:
+        v = np.float32(m) * np.float32(5.960464477539063e-08)  # m * 2**-24 (subnormal)
+        return -v if sign else v
+    return _bits_f32(np.uint32(sign | ((e + np.uint32(112)) << np.uint32(23))
+                               | (m << np.uint32(13))))
+
+
+@njit(inline="always", cache=True)
+def _ld(s16, s32, is32, i):
+    """Entry i of a scale/zero array stored as float16 bits (s16) or float32 (s32)."""
+    if is32:
+        return s32[i]
+    return _h2f(s16[i])
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _unpack(codes, i0, n, bits, out):
+    """Integer codes of values i0 .. i0+n-1 of a dense LSB-first stream of `bits`-bit codes
+    (uint8 array `codes`) -> float32 out[0:n]. Reads only inside `codes`. Hot loops run
+    over views with indices from 0 (numba then needs no negative-index checks and
+    vectorises)."""
+    if bits == 8:
+        src = codes[i0:i0 + n]
+        for j in range(n):
+            out[j] = np.float32(src[j])
+        return
+    if bits == 4 or bits == 2:
+        per = 8 // bits
+        mask = np.uint32((1 << bits) - 1)
+        j = 0
+        while j < n and (i0 + j) % per != 0:  # leading codes up to a byte boundary
+            i = i0 + j
+            out[j] = np.float32((np.uint32(codes[i // per]) >> np.uint32((i % per) * bits))
+                                & mask)
+            j += 1
+        nfull = (n - j) // per
+        src = codes[(i0 + j) // per:(i0 + j) // per + nfull]
+        dst = out[j:j + nfull * per]
+        if bits == 4:
+            for k in range(nfull):
+                v = np.uint32(src[k])
+                dst[2 * k] = np.float32(v & np.uint32(15))
+                dst[2 * k + 1] = np.float32(v >> np.uint32(4))
+        else:
+            for k in range(nfull):
+                v = np.uint32(src[k])
+                dst[4 * k] = np.float32(v & np.uint32(3))
+                dst[4 * k + 1] = np.float32((v >> np.uint32(2)) & np.uint32(3))
+                dst[4 * k + 2] = np.float32((v >> np.uint32(4)) & np.uint32(3))
+                dst[4 * k + 3] = np.float32(v >> np.uint32(6))
+        j += nfull * per
+        while j < n:  # trailing codes
+            i = i0 + j
+            out[j] = np.float32((np.uint32(codes[i // per]) >> np.uint32((i % per) * bits))
+                                & mask)
+            j += 1
+        return
+    nbytes = codes.shape[0]
+    mask = np.uint32((1 << bits) - 1)
+    for j in range(n):
+        bp = (i0 + j) * bits
+        by = bp >> 3
+        v = np.uint32(codes[by])
+        if by + 1 < nbytes:
+            v |= np.uint32(codes[by + 1]) << np.uint32(8)
+        out[j] = np.float32((v >> np.uint32(bp & 7)) & mask)
+
+
+# ----------------------------------------------------------------------------- Ecco blocks
+
+
+@njit(inline="always", cache=True)
+def _hdr_cs(words, base, sb, lb, pb, cb, sbase, tsc, ctab, htab):
+    """(mode, scale code, pattern, codebook, A, B) of the block at word `base`; a code-space
+    level l decodes to l * A + B. The group scale is float32(tscale * 2**((s-smax)/R)),
+    computed exactly as `EccoCodec.scale_table` does (sbase holds the float64 powers)."""
+    w0 = words[base]
+    mode = np.int64(w0 & _ONE)
+    s = np.int64((w0 >> np.uint64(2)) & ((_ONE << np.uint64(sb)) - _ONE))
+    q = np.int64((w0 >> np.uint64(2 + sb)) & ((_ONE << np.uint64(lb)) - _ONE))
+    p = np.int64((w0 >> np.uint64(2 + sb + lb)) & ((_ONE << np.uint64(pb)) - _ONE))
+    h = np.int64((w0 >> np.uint64(2 + sb + lb + pb)) & ((_ONE << np.uint64(cb)) - _ONE))
+    sg = np.float32(tsc * sbase[s])
+    if (w0 >> _ONE) & _ONE:
+        sg = -sg
+    return mode, s, p, h, sg * htab[q], sg * ctab[q]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
+                sbase, tsc, ctab, htab, ptab, lv, AB, i):
+    """Decode block b (any mode) in code space into lv[128*i : 128*i+128]; AB[2i],
+    AB[2i+1] = its A, B (0, 0 for an all-zero block). Returns 1 if the code stream overruns
+    the block (corrupt data), as `ecco_numba._decode_one` does."""
+    base = b * W
+    j0 = i * _G
+    mode, s, p, h, A, B = _hdr_cs(words, base, sb, lb, pb, cb, sbase, tsc, ctab, htab)
+    if s == 0:
+        for j in range(_G):
+            lv[j0 + j] = _F0
+        AB[2 * i] = _F0
+        AB[2 * i + 1] = _F0
+        return 0
+    AB[2 * i] = A
+    AB[2 * i + 1] = B
+    pos = np.int64(2 + sb + lb + pb + cb)
+    loff = p * NL
+    if mode == 0:
+        ub = np.uint64(base)
+        lim = np.uint64(block_bits - 1)
+        toff = np.uint64(h << 8)
+        c = np.uint64(pos)
+        for r in range(16):
+            c = _huff8(words, ub, min(c, lim), toff, dtab, levels_flat, np.uint64(loff), _F1,
+                       _F0, lv, np.uint64(j0 + r * 8))
+        pos = np.int64(c)
+        if pos > block_bits:
+            return 1
+    else:
+        fmask = (_ONE << np.uint64(fb)) - _ONE
+        for j in range(_G):
+            wi = base + (pos >> 6)
+            off = np.uint64(pos & 63)
+            bits = (words[wi] >> off) | ((words[wi + 1] << _ONE) << (np.uint64(63) - off))
+            q = np.int64(bits & fmask)
+            lv[j0 + j] = levels_flat[loff + (((q + 1) * NL) >> fb) - 1]
+            pos += fb
+    _patches(words, base, pos, block_bits, ps, ptab, _F1, _F0, lv, j0, _G)
+    return 0
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat,
+                NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB):
+    """Decode blocks b0..b3 in code space into lv[0:512] (128 each), A/B into AB[0:8].
+    Four Huffman streams side by side (as `ecco_numba.decode_blocks`); other modes take
+    the one-block path. Returns the number of corrupt (overrunning) blocks."""
+    m0, s0, p0, h0, A0, B0 = _hdr_cs(words, b0 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
+    m1, s1, p1, h1, A1, B1 = _hdr_cs(words, b1 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
+    m2, s2, p2, h2, A2, B2 = _hdr_cs(words, b2 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
+    m3, s3, p3, h3, A3, B3 = _hdr_cs(words, b3 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
+    if (m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0 and s3 != 0:
+        hdr = np.uint64(2 + sb + lb + pb + cb)
+        lim = np.uint64(block_bits - 1)
+        w0 = np.uint64(b0 * W)
+        w1 = np.uint64(b1 * W)
+        w2 = np.uint64(b2 * W)
+        w3 = np.uint64(b3 * W)
+        l0 = np.uint64(p0 * NL)
+        l1 = np.uint64(p1 * NL)
+        l2 = np.uint64(p2 * NL)
+        l3 = np.uint64(p3 * NL)
+        t0 = np.uint64(h0 << 8)
+        t1 = np.uint64(h1 << 8)
+        t2 = np.uint64(h2 << 8)
+        t3 = np.uint64(h3 << 8)
+        c0 = hdr
+        c1 = hdr
+        c2 = hdr
+        c3 = hdr
+        for r in range(16):
+            j = np.uint64(r * 8)
+            c0 = _huff8(words, w0, min(c0, lim), t0, dtab, levels_flat, l0, _F1, _F0, lv, j)
+            c1 = _huff8(words, w1, min(c1, lim), t1, dtab, levels_flat, l1, _F1, _F0, lv,
+                        np.uint64(128) + j)
+            c2 = _huff8(words, w2, min(c2, lim), t2, dtab, levels_flat, l2, _F1, _F0, lv,
+                        np.uint64(256) + j)
+            c3 = _huff8(words, w3, min(c3, lim), t3, dtab, levels_flat, l3, _F1, _F0, lv,
+                        np.uint64(384) + j)
+        e0 = np.int64(c0)
+        e1 = np.int64(c1)
+        e2 = np.int64(c2)
+        e3 = np.int64(c3)
+        nbad = 0
+        if e0 <= block_bits:
+            _patches(words, b0 * W, e0, block_bits, ps, ptab, _F1, _F0, lv, 0, _G)
+        else:
+            nbad += 1
+        if e1 <= block_bits:
+            _patches(words, b1 * W, e1, block_bits, ps, ptab, _F1, _F0, lv, 128, _G)
+        else:
+            nbad += 1
+        if e2 <= block_bits:
+            _patches(words, b2 * W, e2, block_bits, ps, ptab, _F1, _F0, lv, 256, _G)
+        else:
+            nbad += 1
+        if e3 <= block_bits:
+            _patches(words, b3 * W, e3, block_bits, ps, ptab, _F1, _F0, lv, 384, _G)
+        else:
+            nbad += 1
+        AB[0] = A0
+        AB[1] = B0
+        AB[2] = A1
+        AB[3] = B1
+        AB[4] = A2
+        AB[5] = B2
+        AB[6] = A3
+        AB[7] = B3
+        return nbad
+    nbad = 0
+    for i in range(4):
+        b = b0 if i == 0 else (b1 if i == 1 else (b2 if i == 2 else b3))
+        nbad += _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
+                            dtab, sbase, tsc, ctab, htab, ptab, lv, AB, i)
+    return nbad
+
+
+# ----------------------------------------------------------------------------- K side items
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_ecco_item(words, bbase, bstride, D, n, qf, qoff, R, S, soff, T, ep, levels_flat, dtab,
+                 sbase, tsc, ctab, htab, ptab):
+    """Scores of one Ecco token group (n <= 128 tokens, all D channels of one KV head):
+    block of channel d = bbase + d * bstride. S[soff + r*T + t] = sum_d qf[r, d] * K[t, d],
+    computed as (q*A) * level + (sum_d q*B), the latter once per group. Returns the number
+    of corrupt blocks."""
+    block_bits, sb, lb, pb, cb, fb, ps, NL = (ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6],
+                                              ep[7])
+    W = block_bits // 64
+    lv = np.empty(4 * _G, np.float32)
+    lv0 = lv[0:n]
+    lv1 = lv[_G:_G + n]
+    lv2 = lv[2 * _G:2 * _G + n]
+    lv3 = lv[3 * _G:3 * _G + n]
+    AB = np.empty(8, np.float32)
+    cB = np.zeros(R, np.float32)
+    for r in range(R):
+        S[soff + r * T:soff + r * T + n] = _F0
+    nbad = 0
+    d = 0
+    while d + 4 <= D:
+        bb = bbase + d * bstride
+        nbad += _decode4_cs(words, bb, bb + bstride, bb + 2 * bstride, bb + 3 * bstride, W,
+                            block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
+                            tsc, ctab, htab, ptab, lv, AB)
+        for r in range(R):
+            qr = qf[qoff + r * D + d:qoff + r * D + d + 4]
+            a0 = qr[0] * AB[0]
+            a1 = qr[1] * AB[2]
+            a2 = qr[2] * AB[4]
+            a3 = qr[3] * AB[6]
+            cB[r] += qr[0] * AB[1] + qr[1] * AB[3] + qr[2] * AB[5] + qr[3] * AB[7]
+            srow = S[soff + r * T:soff + r * T + n]
+            for t in range(n):
+                srow[t] += (a0 * lv0[t] + a1 * lv1[t]) + (a2 * lv2[t] + a3 * lv3[t])
+        d += 4
+    while d < D:
+        nbad += _decode1_cs(words, bbase + d * bstride, W, block_bits, sb, lb, pb, cb, fb, ps,
+                            levels_flat, NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB, d - d)
+        for r in range(R):
+            qd = qf[qoff + r * D + d]
+            a0 = qd * AB[0]
+            cB[r] += qd * AB[1]
+            srow = S[soff + r * T:soff + r * T + n]
+            for t in range(n):
+                srow[t] += a0 * lv0[t]
+        d += 1
+    for r in range(R):
+        srow = S[soff + r * T:soff + r * T + n]
+        c = cB[r]
+        for t in range(n):
+            srow[t] += c
+    return nbad
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_int_tok_item(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, h, ts, n, D, qf, qoff, R,
+                    S, soff, T):
+    """Scores of tokens ts .. ts+n-1 of an int chunk grouped per channel over tokens (groups
+    of G tokens, ts a multiple of G): K = code * scale + zero, computed as (q*scale) * code
+    + sum_d q*zero, the latter once per group."""
+    ngroups = (Tc + G - 1) // G
+    g0 = ts // G
+    ngl = (n + G - 1) // G
+    buf = np.empty(n, np.float32)
+    cz = np.zeros(R * ngl, np.float32)
+    for r in range(R):
+        S[soff + r * T:soff + r * T + n] = _F0
+    for d in range(D):
+        m = h * D + d
+        _unpack(codes, m * Tc + ts, n, bits, buf)
+        for gl in range(ngl):
+            b = m * ngroups + g0 + gl
+            sc = _ld(sc16, sc32, is32, b)
+            z = _ld(z16, z32, is32, b)
+            t_lo = gl * G
+            t_hi = min(n, t_lo + G)
+            bs = buf[t_lo:t_hi]
+            for r in range(R):
+                qd = qf[qoff + r * D + d]
+                a = qd * sc
+                cz[r * ngl + gl] += qd * z
+                srow = S[soff + r * T + t_lo:soff + r * T + t_hi]
+                for t in range(t_hi - t_lo):
+                    srow[t] += a * bs[t]
+    for r in range(R):
+        for gl in range(ngl):
+            c = cz[r * ngl + gl]
+            srow = S[soff + r * T + gl * G:soff + r * T + min(n, gl * G + G)]
+            for t in range(srow.shape[0]):
+                srow[t] += c
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_int_ch_item(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, h, ts, n, D, qf, qoff, R,
+                   S, soff, T):
+    """Scores of tokens ts .. ts+n-1 of an int chunk grouped per token over channels
+    (groups of G channels): s = sum_groups scale * (q . codes) + zero * sum(q)."""
+    ngroups = (D + G - 1) // G
+    buf = np.empty(D, np.float32)
+    qs = np.zeros(R * ngroups, np.float32)
+    scv = np.empty(ngroups, np.float32)
+    zv = np.empty(ngroups, np.float32)
+    for r in range(R):
+        for gi in range(ngroups):
+            qg = qf[qoff + r * D + gi * G:qoff + r * D + min(D, gi * G + G)]
+            x = _F0
+            for d in range(qg.shape[0]):
+                x += qg[d]
+            qs[r * ngroups + gi] = x
+    for t in range(n):
+        m = h * Tc + ts + t
+        _unpack(codes, m * D, D, bits, buf)
+        for gi in range(ngroups):
+            scv[gi] = _ld(sc16, sc32, is32, m * ngroups + gi)
+            zv[gi] = _ld(z16, z32, is32, m * ngroups + gi)
+        for r in range(R):
+            acc = _F0
+            for gi in range(ngroups):
+                lo = gi * G
+                hi = min(D, lo + G)
+                qg = qf[qoff + r * D + lo:qoff + r * D + hi]
+                bg = buf[lo:hi]
+                x = _F0
+                for d in range(hi - lo):
+                    x += qg[d] * bg[d]
+                acc += scv[gi] * x + zv[gi] * qs[r * ngroups + gi]
+            S[soff + r * T + t] = acc
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_exact_item(kx, koff, n, D, qf, qoff, R, S, soff, T):
+    """Scores of n exact tokens: S[soff + r*T + t] = qf[r] . kx[koff + t*D : +D]."""
+    for t in range(n):
+        krow = kx[koff + t * D:koff + t * D + D]
+        for r in range(R):
+            qr = qf[qoff + r * D:qoff + r * D + D]
+            x = _F0
+            for d in range(D):
+                x += qr[d] * krow[d]
+            S[soff + r * T + t] = x
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _softmax_row(S, base, T, mode, allow, bias, moff, na):
+    """Turn one score row S[base : base+T] into unnormalised weights exp(s - max) over the
+    allowed tokens (0 elsewhere); returns their sum (0 if no token is allowed).
+    mode 0: tokens t < na allowed (causal); 1: allow[moff + t] != 0; 2: same, plus the
+    additive bias[moff + t]."""
+    x = S[base:base + T]
+    if mode == 0:
+        x[na:] = _F0
+        if na <= 0:
+            return _F0
+        xa = x[:na]
+        m = _NEG
+        for t in range(na):
+            m = max(m, xa[t])
+        lsum = _F0
+        for t in range(na):
+            e = _expf(max(xa[t] - m, _XMIN))
+            xa[t] = e
+            lsum += e
+        return lsum
+    al = allow[moff:moff + T]
+    if mode == 2:
+        bi = bias[moff:moff + T]
+        for t in range(T):
+            x[t] += bi[t]
+    m = _NEG
+    cnt = 0
+    for t in range(T):
+        a = al[t] != 0
+        cnt += a
+        m = max(m, x[t] if a else _NEG)
+    if cnt == 0:
+        x[:] = _F0
+        return _F0
+    lsum = _F0
+    for t in range(T):
+        e = _expf(min(max(x[t] - m, _XMIN), _F0))
+        e = e if al[t] != 0 else _F0
+        x[t] = e
+        lsum += e
+    return lsum
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c,
+            it_h, it_s, it_n, kx, Te, Tc_tot, qf, R, D, T, S, bad):
+    """One K work item (see `k_phase`)."""
+    nch = ch.shape[0]
+    c = it_c[it]
+    h = it_h[it]
+    s = it_s[it]
+    n = it_n[it]
+    qoff = h * R * D
+    if c >= nch:
+        _k_exact_item(kx, (h * Te + s) * D, n, D, qf, qoff, R, S, h * R * T + Tc_tot + s, T)
+        return
+    Tc = ch[c, 3]
+    soff = h * R * T + ch[c, 4] + s
+    if kind == 0:
+        words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
+        ngroups = (Tc + _G - 1) // _G
+        nb = _k_ecco_item(words, h * D * ngroups + s // _G, ngroups, D, n, qf, qoff, R, S, soff,
+                          T, ep, levels_flat, dtab, sbase, tsc[c], ctab, htab, ptab)
+        if nb:
+            bad[c] = 1
+        return
+    is32 = ch[c, 5] == 1
+    n1 = ch[c, 7]
+    codes = carray(_ptr_u8(ch[c, 0]), ch[c, 6])
+    sc16 = carray(_ptr_u16(ch[c, 1]), 0 if is32 else n1)
+    sc32 = carray(_ptr_f32(ch[c, 1]), n1 if is32 else 0)
+    z16 = carray(_ptr_u16(ch[c, 2]), 0 if is32 else n1)
+    z32 = carray(_ptr_f32(ch[c, 2]), n1 if is32 else 0)
+    if kind == 1:
+        _k_int_tok_item(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, h, s, n, D, qf, qoff, R,
+                        S, soff, T)
+    else:
+        _k_int_ch_item(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, h, s, n, D, qf, qoff, R,
+                       S, soff, T)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def k_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c, it_h,
+            it_s, it_n, kx, Te, Tc_tot, qf, Hkv, R, D, T, S, bad, mode, allow, bias, i0, Lt,
+            Lq, lsum):
+    """Scores of every (KV head, tile row, token) into S, then the softmax weights in place
+    and their sums in lsum. Work items (it_c, it_h, it_s, it_n): chunk (== nch: the exact
+    tail), KV head, first token within the chunk / tail, token count. bad[c] = 1 for a
+    chunk with a corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
+    for it in prange(it_c.shape[0]):
+        _k_item(np.int64(it), kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch,
+                tsc, it_c, it_h, it_s, it_n, kx, Te, Tc_tot, qf, R, D, T, S, bad)
+    for row in prange(Hkv * R):
+        i = i0 + (row % R) % Lt
+        na = min(T, max(0, T - Lq + i + 1))
+        lsum[row] = _softmax_row(S, np.int64(row) * T, T, mode, allow, bias, i * T, na)
+
+
+# ----------------------------------------------------------------------------- V side items
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, levels_flat,
+                  dtab, sbase, tsc, ctab, htab, ptab):
+    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over one Ecco chunk, channels d0 .. d1-1:
+    per block A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
+    block_bits, sb, lb, pb, cb, fb, ps, NL = (ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6],
+                                              ep[7])
+    W = block_bits // 64
+    w = d1 - d0
+    lv = np.empty(4 * _G, np.float32)
+    AB = np.empty(8, np.float32)
+    ngroups = (Tc + _G - 1) // _G
+    nbad = 0
+    for g in range(ngroups):
+        n = min(_G, Tc - g * _G)
+        tb = poff + t0c + g * _G
+        lv0 = lv[0:n]
+        lv1 = lv[_G:_G + n]
+        lv2 = lv[2 * _G:2 * _G + n]
+        lv3 = lv[3 * _G:3 * _G + n]
+        for r in range(R):
+            prow = P[tb + r * T:tb + r * T + n]
+            x = _F0
+            for t in range(n):
+                x += prow[t]
+            psum[r] = x
+        d = d0
+        while d + 4 <= d1:
+            bb = (h * D + d) * ngroups + g
+            nbad += _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
+                                block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
+                                sbase, tsc, ctab, htab, ptab, lv, AB)
+            for r in range(R):
+                prow = P[tb + r * T:tb + r * T + n]
+                x0 = _F0
+                x1 = _F0
+                x2 = _F0
+                x3 = _F0
+                for t in range(n):
+                    pt = prow[t]
+                    x0 += pt * lv0[t]
+                    x1 += pt * lv1[t]
+                    x2 += pt * lv2[t]
+                    x3 += pt * lv3[t]
+                ao = r * w + d - d0
+                pr = psum[r]
+                acc[ao] += AB[0] * x0 + AB[1] * pr
+                acc[ao + 1] += AB[2] * x1 + AB[3] * pr
+                acc[ao + 2] += AB[4] * x2 + AB[5] * pr
+                acc[ao + 3] += AB[6] * x3 + AB[7] * pr
+            d += 4
+        while d < d1:
+            nbad += _decode1_cs(words, (h * D + d) * ngroups + g, W, block_bits, sb, lb, pb, cb,
+                                fb, ps, levels_flat, NL, dtab, sbase, tsc, ctab, htab, ptab, lv,
+                                AB, d - d)
+            for r in range(R):
+                prow = P[tb + r * T:tb + r * T + n]
+                x0 = _F0
+                for t in range(n):
+                    x0 += prow[t] * lv0[t]
+                acc[r * w + d - d0] += AB[0] * x0 + AB[1] * psum[r]
+            d += 1
+    return nbad
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, d0, d1, D, P,
+                     poff, R, T, acc, psum, buf):
+    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over one int chunk grouped per channel over
+    tokens: per group scale * (p . codes) + zero * sum(p)."""
+    w = d1 - d0
+    ngroups = (Tc + G - 1) // G
+    for g in range(ngroups):
+        tl = g * G
+        n = min(G, Tc - tl)
+        tb = poff + t0c + tl
+        bs = buf[:n]
+        for r in range(R):
+            prow = P[tb + r * T:tb + r * T + n]
+            x = _F0
+            for t in range(n):
+                x += prow[t]
+            psum[r] = x
+        for d in range(d0, d1):
+            m = h * D + d
+            b = m * ngroups + g
+            _unpack(codes, m * Tc + tl, n, bits, buf)
+            sc = _ld(sc16, sc32, is32, b)
+            z = _ld(z16, z32, is32, b)
+            for r in range(R):
+                prow = P[tb + r * T:tb + r * T + n]
+                x = _F0
+                for t in range(n):
+                    x += prow[t] * bs[t]
+                acc[r * w + d - d0] += sc * x + z * psum[r]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_int_ch_span(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, ts, n, D, P, poff,
+                   R, T, acc, buf):
+    """acc[r, :] += sum_t p[r, t] * V[t, :] over tokens ts .. ts+n-1 of one int chunk
+    grouped per token over channels (each token's D values decoded once, then one axpy
+    per tile row)."""
+    ngroups = (D + G - 1) // G
+    bw = buf[:D]
+    for t in range(ts, ts + n):
+        m = h * Tc + t
+        _unpack(codes, m * D, D, bits, buf)
+        for gi in range(ngroups):
+            b = m * ngroups + gi
+            sc = _ld(sc16, sc32, is32, b)
+            z = _ld(z16, z32, is32, b)
+            bg = buf[gi * G:min(D, gi * G + G)]
+            for j in range(bg.shape[0]):
+                bg[j] = bg[j] * sc + z
+        for r in range(R):
+            pw = P[poff + r * T + t0c + t]
+            arow = acc[r * D:r * D + D]
+            for j in range(D):
+                arow[j] += pw * bw[j]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_exact(vx, Te, t0, h, d0, d1, D, P, poff, R, T, acc):
+    """acc[r, d - d0] += sum_t p[r, t0 + t] * vx[h, t, d] over the exact tail."""
+    w = d1 - d0
+    for t in range(Te):
+        vrow = vx[(h * Te + t) * D + d0:(h * Te + t) * D + d1]
+        for r in range(R):
+            pw = P[poff + r * T + t0 + t]
+            arow = acc[r * w:r * w + w]
+            for j in range(w):
+                arow[j] += pw * vrow[j]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te,
+            Tc_tot, P, lsum, R, D, T, dw, out, bad):
+    """One V work item (see `v_phase`)."""
+    nch = ch.shape[0]
+    nd = (D + dw - 1) // dw
+    h = it // nd
+    d0 = (it - h * nd) * dw
+    d1 = min(D, d0 + dw)
+    w = d1 - d0
+    poff = h * R * T
+    acc = np.zeros(R * w, np.float32)
+    psum = np.empty(R, np.float32)
+    buf = np.empty(max(G, _G, D), np.float32)
+    for c in range(nch):
+        Tc = ch[c, 3]
+        t0c = ch[c, 4]
+        if kind == 0:
+            words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
+            if _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep,
+                             levels_flat, dtab, sbase, tsc[c], ctab, htab, ptab):
+                bad[c] = 1
+        else:
+            is32 = ch[c, 5] == 1
+            n1 = ch[c, 7]
+            codes = carray(_ptr_u8(ch[c, 0]), ch[c, 6])
+            sc16 = carray(_ptr_u16(ch[c, 1]), 0 if is32 else n1)
+            sc32 = carray(_ptr_f32(ch[c, 1]), n1 if is32 else 0)
+            z16 = carray(_ptr_u16(ch[c, 2]), 0 if is32 else n1)
+            z32 = carray(_ptr_f32(ch[c, 2]), n1 if is32 else 0)
+            _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, d0, d1, D,
+                             P, poff, R, T, acc, psum, buf)
+    if Te > 0:
+        _v_exact(vx, Te, Tc_tot, h, d0, d1, D, P, poff, R, T, acc)
+    for r in range(R):
+        lr = lsum[h * R + r]
+        inv = _F1 / lr if lr > _F0 else _F0
+        oo = (h * R + r) * D + d0
+        for j in range(w):
+            out[oo + j] = acc[r * w + j] * inv
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P, R, D, T, part):
+    """One token-span V work item (int chunks grouped over channels, or the exact tail):
+    its partial sum_t p[r, t] * V[t, :] goes to part[it, r, :]."""
+    nch = ch.shape[0]
+    c = it_c[it]
+    h = it_h[it]
+    s = it_s[it]
+    n = it_n[it]
+    poff = h * R * T
+    acc = part[it * R * D:(it + 1) * R * D]
+    acc[:] = _F0
+    if c >= nch:
+        for t in range(s, s + n):
+            vrow = vx[(h * Te + t) * D:(h * Te + t + 1) * D]
+            for r in range(R):
+                pw = P[poff + r * T + Tc_tot + t]
+                arow = acc[r * D:r * D + D]
+                for j in range(D):
+                    arow[j] += pw * vrow[j]
+        return
+    is32 = ch[c, 5] == 1
+    n1 = ch[c, 7]
+    codes = carray(_ptr_u8(ch[c, 0]), ch[c, 6])
+    sc16 = carray(_ptr_u16(ch[c, 1]), 0 if is32 else n1)
+    sc32 = carray(_ptr_f32(ch[c, 1]), n1 if is32 else 0)
+    z16 = carray(_ptr_u16(ch[c, 2]), 0 if is32 else n1)
+    z32 = carray(_ptr_f32(ch[c, 2]), n1 if is32 else 0)
+    buf = np.empty(D, np.float32)
+    _v_int_ch_span(codes, sc16, sc32, z16, z32, is32, bits, G, ch[c, 3], ch[c, 4], h, s, n, D,
+                   P, poff, R, T, acc, buf)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_reduce_row(row, R, D, it_h, part, lsum, out):
+    """out[row] = sum of the span items' partials of this (head, tile row) / lsum[row]."""
+    h = row // R
+    r = row - h * R
+    o = out[row * D:(row + 1) * D]
+    o[:] = _F0
+    for it in range(it_h.shape[0]):
+        if it_h[it] == h:
+            pr = part[(it * R + r) * D:(it * R + r + 1) * D]
+            for j in range(D):
+                o[j] += pr[j]
+    lr = lsum[row]
+    inv = _F1 / lr if lr > _F0 else _F0
+    for j in range(D):
+        o[j] *= inv
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def v_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te,
+            Tc_tot, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
+    """out[h, r, d] = sum_t p[h, r, t] * V[h, t, d] / lsum[h, r] (0 where lsum == 0).
+    kind 0/1: work items (KV head, dw consecutive channels), each over every chunk and the
+    exact tail. kind 2 (int grouped over channels): token-span items (it_c, it_h, it_s,
+    it_n as in `k_phase`) write partial sums into part [items, R, D], then one reduction
+    per output row."""
+    if kind == 2:
+        for it in prange(it_c.shape[0]):
+            _v_span_item(np.int64(it), G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P,
+                         R, D, T, part)
+        for row in prange(Hkv * R):
+            _v_reduce_row(np.int64(row), R, D, it_h, part, lsum, out)
+    else:
+        nd = (D + dw - 1) // dw
+        for it in prange(Hkv * nd):
+            _v_item(np.int64(it), kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits,
+                    ch, tsc, vx, Te, Tc_tot, P, lsum, R, D, T, dw, out, bad)
