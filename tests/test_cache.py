@@ -160,33 +160,72 @@ def _run_layer(layer: EccoLayer, steps: list[int], B=2, H=2, D=16, seed=0):
     return torch.cat(ks, 2), torch.cat(vs, 2), outs
 
 
+def _expected_views(X, steps, spec, residual, sink):
+    """What each step must attend to, computed independently of the cache: the first
+    `sink` tokens exact, then decode(encode(.)) of every chunk compressed before the step
+    (whole groups older than the window), then the rest exact."""
+    gran = spec.token_granularity(X.shape[-1])
+    codec, flat = spec.codec, spec.axis == "channels"
+
+    def roundtrip(x):
+        y = x.reshape(x.shape[0], -1) if flat else x
+        return codec.decode(codec.encode(y, axis=1)).reshape(x.shape)
+
+    chunks: list[tuple[int, int]] = []
+    views, done, seen = [], 0, 0
+    for s in steps:
+        e = X[:, :, : seen + s].clone()
+        for a, z in chunks:
+            for b in range(X.shape[0]):
+                e[b, :, a:z] = roundtrip(X[b, :, a:z])
+        views.append(e)
+        seen += s
+        n = (seen - sink - done - residual) // gran * gran
+        if n > 0:
+            chunks.append((sink + done, sink + done + n))
+            done += n
+    return views, done
+
+
 @pytest.mark.parametrize("name", ["ecco4", "ecco2", "kivi2", "int4", "fp8"])
-def test_attention_inputs_are_decode_of_encode(name):
-    layer = EccoLayer(layer_spec(name), residual_length=20, sink_tokens=0)
+@pytest.mark.parametrize("sink", [0, 3])
+def test_attention_inputs_are_decode_of_encode(name, sink):
+    layer = EccoLayer(layer_spec(name), residual_length=20, sink_tokens=sink)
     steps = [150, 1, 1, 100, 3, 140, 1]
     K, Vv, outs = _run_layer(layer, steps)
     for stream, X, idx in ((layer.k, K, 0), (layer.v, Vv, 1)):
-        gran = stream.spec.token_granularity(X.shape[-1])
-        codec = stream.spec.codec
-
-        def roundtrip(x, codec=codec, flat=stream.spec.axis == "channels"):
-            y = x.reshape(x.shape[0], -1) if flat else x
-            return codec.decode(codec.encode(y, axis=1)).reshape(x.shape)
-
-        chunks: list[tuple[int, int]] = []  # token ranges compressed before each step
-        done = seen = 0
-        for s, out in zip(steps, outs, strict=True):
-            expect = X[:, :, : seen + s].clone()
-            for a, z in chunks:
-                for b in range(X.shape[0]):
-                    expect[b, :, a:z] = roundtrip(X[b, :, a:z])
+        views, done = _expected_views(X, steps, stream.spec, 20, sink)
+        for out, expect in zip(outs, views, strict=True):
             assert torch.equal(out[idx], expect)
-            seen += s
-            n = (seen - done - 20) // gran * gran
-            if n > 0:
-                chunks.append((done, done + n))
-                done += n
-        assert chunks and stream.compressed_len == done
+        assert done > 0 and stream.compressed_len == done
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", ["ecco4", "kivi2"])
+def test_model_attention_inputs_are_decode_of_encode(family, name):
+    """On each model family, every layer's attention inputs (what `update` returns) are the
+    recorded K/V of that layer through the codec, chunk by chunk."""
+    model, cfg = tiny(family)
+    cache = EccoCache(cfg, name, residual_length=8, sink_tokens=2)
+    rec: dict[int, list] = {}
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, EccoLayer):
+            def wrapped(k, v, *a, _orig=layer.update, _i=i, **kw):
+                out = _orig(k, v, *a, **kw)
+                rec.setdefault(_i, []).append((k.clone(), v.clone(), out[0], out[1]))
+                return out
+            layer.update = wrapped
+    steps = [150, 1, 1, 1]
+    _steps(model, cache, _ids(1, sum(steps), seed=4), steps[0])
+    assert rec
+    for i, calls in rec.items():
+        layer = cache.layers[i]
+        for which, spec in ((0, layer.spec.key), (1, layer.spec.value)):
+            X = torch.cat([c[which] for c in calls], dim=2)
+            views, done = _expected_views(X, steps, spec, 8, 2)
+            assert done > 0
+            for c, expect in zip(calls, views, strict=True):
+                assert torch.equal(c[2 + which], expect)
 
 
 @pytest.mark.parametrize("residual,prompt", [(64, 10), (64, 64), (64, 65), (64, 191), (64, 192),
