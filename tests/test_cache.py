@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as T
@@ -25,7 +27,7 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               {"sliding_window": 16, "sliding_window_pattern": 2, "head_dim": 16}),
+               {"sliding_window": 16, "sliding_window_pattern": 2}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1,
                                                 "bos_token_id": 2}),
 }
@@ -38,8 +40,7 @@ def tiny(family: str, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, lay
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
               max_position_embeddings=2048)
     kw.update(fam)
-    if family != "gemma3":
-        kw["head_dim"] = head_dim
+    kw["head_dim"] = head_dim
     kw.update(extra)
     cfg = getattr(T, cfg_name)(**kw)
     torch.manual_seed(0)
@@ -160,11 +161,10 @@ def _run_layer(layer: EccoLayer, steps: list[int], B=2, H=2, D=16, seed=0):
     return torch.cat(ks, 2), torch.cat(vs, 2), outs
 
 
-def _expected_views(X, steps, spec, residual, sink):
+def _expected_views(X, steps, spec, residual, sink, gran):
     """What each step must attend to, computed independently of the cache: the first
     `sink` tokens exact, then decode(encode(.)) of every chunk compressed before the step
-    (whole groups older than the window), then the rest exact."""
-    gran = spec.token_granularity(X.shape[-1])
+    (multiples of `gran` tokens older than the window), then the rest exact."""
     codec, flat = spec.codec, spec.axis == "channels"
 
     def roundtrip(x):
@@ -187,6 +187,11 @@ def _expected_views(X, steps, spec, residual, sink):
     return views, done
 
 
+def _gran(layer, head_dim):
+    return math.lcm(layer.spec.key.token_granularity(head_dim),
+                    layer.spec.value.token_granularity(head_dim))
+
+
 @pytest.mark.parametrize("name", ["ecco4", "ecco2", "kivi2", "int4", "fp8"])
 @pytest.mark.parametrize("sink", [0, 3])
 def test_attention_inputs_are_decode_of_encode(name, sink):
@@ -194,7 +199,7 @@ def test_attention_inputs_are_decode_of_encode(name, sink):
     steps = [150, 1, 1, 100, 3, 140, 1]
     K, Vv, outs = _run_layer(layer, steps)
     for stream, X, idx in ((layer.k, K, 0), (layer.v, Vv, 1)):
-        views, done = _expected_views(X, steps, stream.spec, 20, sink)
+        views, done = _expected_views(X, steps, stream.spec, 20, sink, _gran(layer, 16))
         for out, expect in zip(outs, views, strict=True):
             assert torch.equal(out[idx], expect)
         assert done > 0 and stream.compressed_len == done
@@ -203,10 +208,11 @@ def test_attention_inputs_are_decode_of_encode(name, sink):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("name", ["ecco4", "kivi2"])
 def test_model_attention_inputs_are_decode_of_encode(family, name):
-    """On each model family, every layer's attention inputs (what `update` returns) are the
-    recorded K/V of that layer through the codec, chunk by chunk."""
+    """On each model family, every layer's attention inputs (what `update` returns on the
+    decoding path) are the recorded K/V of that layer through the codec, chunk by chunk."""
     model, cfg = tiny(family)
-    cache = EccoCache(cfg, name, residual_length=8, sink_tokens=2)
+    cache = EccoCache(cfg, name, residual_length=8, sink_tokens=2, fused=False)
+    cfg._attn_implementation = "sdpa"
     rec: dict[int, list] = {}
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, EccoLayer):
@@ -222,7 +228,7 @@ def test_model_attention_inputs_are_decode_of_encode(family, name):
         layer = cache.layers[i]
         for which, spec in ((0, layer.spec.key), (1, layer.spec.value)):
             X = torch.cat([c[which] for c in calls], dim=2)
-            views, done = _expected_views(X, steps, spec, 8, 2)
+            views, done = _expected_views(X, steps, spec, 8, 2, _gran(layer, X.shape[-1]))
             assert done > 0
             for c, expect in zip(calls, views, strict=True):
                 assert torch.equal(c[2 + which], expect)
@@ -243,10 +249,12 @@ def test_residual_window_edges(residual, prompt):
 
 def test_group_completes_in_the_middle_of_a_multi_token_step():
     layer = EccoLayer(layer_spec("kivi4"), residual_length=16, sink_tokens=0)
-    _run_layer(layer, [40, 30])  # after 70 tokens: 70 - 16 = 54 -> 32 for K, 54 for V
-    assert layer.k.compressed_len == 32 and layer.k.exact.shape[2] == 38
-    assert layer.v.compressed_len == 54 and layer.v.exact.shape[2] == 16
-    assert len(layer.k.chunks) == 1 and len(layer.v.chunks) == 2
+    _run_layer(layer, [40, 30])  # K groups of 32 tokens, V 2 (32 of 16 channels): lcm 32
+    assert layer.k.compressed_len == layer.v.compressed_len == 32
+    assert layer.k.exact.shape[2] == layer.v.exact.shape[2] == 38
+    _run_layer(layer, [27])  # 97 tokens: 97 - 16 = 81 -> 64 compressed, the second group
+    assert layer.k.compressed_len == layer.v.compressed_len == 64
+    assert len(layer.k.chunks) == len(layer.v.chunks) == 2
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])

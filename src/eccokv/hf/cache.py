@@ -8,11 +8,11 @@ Each attention layer is an `EccoLayer` (a `CacheLayerMixin`). K and V are separa
 streams [B, Hkv, T, D]: compressed chunks followed by an exact window of recent tokens.
 
 - Append-only. After every update, the tokens older than the `residual_length` most
-  recent ones are compressed in whole groups (the codec's group size when grouping over
-  tokens, single tokens when grouping over channels) and never touched again. The exact
-  window therefore holds between R and R + G - 1 tokens (R = residual_length, G = the
-  token granularity). The prompt takes the same path: right after prefill, everything
-  older than the window is compressed.
+  recent ones are compressed in whole groups of both streams (G tokens: the least common
+  multiple of K's and V's token granularity, e.g. 128 for Ecco, 32 for KIVI) and never
+  touched again. K and V compress the same tokens. The exact window therefore holds
+  between R and R + G - 1 tokens (R = residual_length). The prompt takes the same path:
+  right after prefill, everything older than the window is compressed.
 - A step attends to the cache as it was before the step plus the step's own tokens
   exact (like KIVI and transformers' QuantizedCache: prefill attention is exact).
 - Each batch element's chunk is its own `Compressed`, so beam reordering, selection and
@@ -31,6 +31,7 @@ streams [B, Hkv, T, D]: compressed chunks followed by an exact window of recent 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +44,8 @@ from transformers.cache_utils import (
 )
 
 from eccokv.codecs.base import Compressed
+from eccokv.hf.attention import NAME as ATTN_NAME
+from eccokv.hf.attention import enable as enable_fused
 from eccokv.hf.spec import DEFAULT_RESIDUAL, DEFAULT_SINK, LayerSpec, StreamSpec, per_layer_specs
 
 # Accounting: what a chunk holds besides its arrays (start, valid and compressed lengths,
@@ -57,9 +60,10 @@ class _Stream:
 
     sink [B, H, <= n_sink, D]: the first tokens, kept exact (attention sinks: they take
     much of the attention mass, so their error weighs most; see docs/cache.md).
-    chunks[i][b] is batch element b's Compressed [H, n_i, D] (grouped over tokens: axis 1)
-    or [H, n_i * D] (grouped over channels, token-major: axis 1) covering the next `valid_i`
-    tokens; `valid_i < n_i` only after `crop` cut into it. exact [B, H, Te, D]: the rest.
+    chunks[i][b] is batch element b's Compressed [H, n_i, D] (grouped over tokens: axis 1;
+    over channels: axis 2) or [H, n_i * D] (over channels when a group does not divide
+    head_dim: token-major, axis 1) covering the next `valid_i` tokens; `valid_i < n_i`
+    only after `crop` cut into it. exact [B, H, Te, D]: the rest.
     """
 
     def __init__(self, spec: StreamSpec, residual: int, sink: int) -> None:
@@ -96,9 +100,9 @@ class _Stream:
         for chunk, valid in zip(self.chunks, self.valid, strict=True):
             for b, c in enumerate(chunk):
                 dst = out[b, :, t:t + valid]
-                if self.spec.axis == "tokens" and valid == c.shape[1]:
+                if c.shape == tuple(dst.shape):
                     codec.decode(c, out=dst)
-                else:  # [H, n * D] (channels) or cut by crop
+                else:  # [H, n * D] (channels, token-major) or cut by crop
                     H, D = dst.shape[0], dst.shape[-1]
                     dst.copy_(codec.decode(c).reshape(H, -1, D)[:, :valid])
             t += valid
@@ -120,8 +124,9 @@ class _Stream:
         return out
 
     # -- appending ---------------------------------------------------------------------
-    def append(self, new: torch.Tensor) -> None:
-        """Add the step's tokens, then compress whole groups older than the exact window."""
+    def append(self, new: torch.Tensor, g: int) -> None:
+        """Add the step's tokens, then compress the tokens older than the exact window, in
+        multiples of `g` tokens (whole groups of both of the layer's streams)."""
         new = new.detach()
         self.exact = new.clone() if self.exact is None else torch.cat([self.exact, new], dim=-2)
         need = self.n_sink - self.sink_len
@@ -130,7 +135,6 @@ class _Stream:
             self.sink = take.clone() if self.sink is None else torch.cat([self.sink, take], -2)
             self.exact = self.exact[:, :, need:].clone()
         B, H, _, D = self.exact.shape
-        g = self.spec.token_granularity(D)
         n = (self.exact_len - self.residual) // g * g
         if n <= 0:
             return
@@ -138,7 +142,9 @@ class _Stream:
         codec = self.spec.codec
         if self.spec.axis == "tokens":
             chunk = [codec.encode(old[b], axis=1) for b in range(B)]
-        else:
+        elif D % max(1, codec.group_size) == 0:  # per-token groups: [H, n, D] over axis 2
+            chunk = [codec.encode(old[b], axis=2) for b in range(B)]
+        else:  # groups run on into the next token: token-major [H, n * D]
             chunk = [codec.encode(old[b].reshape(H, n * D), axis=1) for b in range(B)]
         self.chunks.append(chunk)
         self.valid.append(n)
@@ -193,8 +199,10 @@ class EccoLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, spec: LayerSpec | None = None, residual_length: int = DEFAULT_RESIDUAL,
-                 sink_tokens: int = DEFAULT_SINK, **kwargs: Any) -> None:
+                 sink_tokens: int = DEFAULT_SINK, attn_config: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__()
+        self.attn_config = attn_config  # fused attention when it selects "eccokv"
         if spec is None:
             from eccokv.hf.spec import layer_spec
 
@@ -236,13 +244,51 @@ class EccoLayer(CacheLayerMixin):
         if self.seq and key_states.shape[0] != self.k.exact.shape[0]:
             raise ValueError(f"batch size changed from {self.k.exact.shape[0]} to "
                              f"{key_states.shape[0]} without batch_select/repeat")
-        keys = self.k.view_with(key_states)
-        values = self.v.view_with(value_states)
-        self.k.append(key_states)
-        self.v.append(value_states)
+        fused = self._fused_on() and bool(self.k.chunks or self.v.chunks)
+        step = self._fused_step(key_states, value_states) if fused else None
+        if step is not None:
+            keys, values = key_states.view_as(key_states), value_states.view_as(value_states)
+            keys._eccokv = values._eccokv = step  # read by eccokv_attention
+        else:
+            keys = self.k.view_with(key_states)
+            values = self.v.view_with(value_states)
+        g = math.lcm(self.spec.key.token_granularity(key_states.shape[-1]),
+                     self.spec.value.token_granularity(value_states.shape[-1]))
+        self.k.append(key_states, g)  # K and V compress the same tokens: one token order
+        self.v.append(value_states, g)
         self.seq += key_states.shape[-2]
         self.keys, self.values = self.k.exact, self.v.exact  # the exact window (for inspection)
         return keys, values
+
+    # -- fused attention ---------------------------------------------------------------
+    def _fused_on(self) -> bool:
+        cfg = self.attn_config
+        return cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTN_NAME
+
+    def _fused_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Any:
+        """The step for `eccokv_attention` (references, before this step's append), or None
+        (with a one-time warning naming the case) if the kernels do not cover the chunks."""
+        from eccokv.hf.attention import FusedStep, StreamView, warn_once
+        from eccokv.kernels.attention import unsupported_reason
+
+        views = []
+        for s, new in ((self.k, key_states), (self.v, value_states)):
+            if s.chunks:
+                c = s.chunks[0][0]
+                if len(c.shape) != 3:
+                    warn_once(f"{s.spec.codec.get_config()['id']} grouped over channels with "
+                              f"head_dim {new.shape[-1]} not a multiple of its group size")
+                    return None
+                why = unsupported_reason(c.codec_config, c.axis)
+                if why is not None:
+                    warn_once(why)
+                    return None
+                if any(v != ch[0].shape[1] for v, ch in zip(s.valid, s.chunks, strict=True)):
+                    warn_once("a compressed chunk cut by crop()")
+                    return None
+            tail = [x for x in (s.sink, s.exact) if x is not None] + [new]
+            views.append(StreamView(list(s.chunks), torch.cat(tail, dim=-2), s.sink_len))
+        return FusedStep(*views)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seq + query_length, 0
@@ -341,13 +387,16 @@ class EccoCache(Cache):
     first tokens kept exact (attention sinks). sliding:
     "native" (sliding-window layers stay transformers' exact DynamicSlidingWindowLayer) or
     "compress" (they become EccoLayers keeping the whole history; the mask hides the rest).
+    fused: attend straight from the compressed cache (switches the model's config to the
+    "eccokv" attention, which hands every other cache to the previous implementation);
+    False decodes the compressed part into a temporary tensor at every step.
     """
 
     def __init__(self, config: Any, codec: Any = "ecco4", *, key_codec: Any = None,
                  value_codec: Any = None, residual_length: int | None = None,
                  sink_tokens: int | None = None,
                  layers: Mapping[int, Any] | Callable[[int], Any] | None = None,
-                 sliding: str = "native") -> None:
+                 sliding: str = "native", fused: bool = True) -> None:
         if config is None:
             raise ValueError("EccoCache needs the model config (model.config)")
         residual = DEFAULT_RESIDUAL if residual_length is None else residual_length
@@ -372,13 +421,15 @@ class EccoCache(Cache):
         built: list[CacheLayerMixin] = []
         for ltype, kw, spec in zip(layer_types, layer_kwargs, specs, strict=True):
             if ltype in ours:
-                built.append(EccoLayer(spec, residual, sink))
+                built.append(EccoLayer(spec, residual, sink, attn_config=text))
             elif ltype in DYNAMIC_LAYER_TYPE_MAPPING:
                 built.append(DYNAMIC_LAYER_TYPE_MAPPING[ltype](**kw))
             else:
                 raise ValueError(f"EccoCache does not know layer type {ltype!r}")
         self.residual_length = residual
         self.sink_tokens = sink
+        if fused:
+            enable_fused(text)
         super().__init__(layers=built)
 
     def memory_report(self) -> dict[str, Any]:
