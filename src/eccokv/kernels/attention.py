@@ -303,9 +303,13 @@ def _items(st: _Stream, span: int, exact_span: int) -> tuple[np.ndarray, np.ndar
                  for i in range(4))  # type: ignore[return-value]
 
 
-def _k_items(st: _Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _k_items(st: _Stream, nthreads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
     if st.kind == KIND_ECCO:
-        span = 128
+        # up to 8 token groups per item (each channel's blocks are then read in order),
+        # while leaving >= 4 items per thread
+        groups = int(np.sum((st.ch[:, 3] + 127) // 128)) * st.Hkv
+        span = 128 * int(np.clip(groups // (4 * nthreads), 1, 8))
     elif st.kind == KIND_INT_TOKENS:
         span = st.G * max(1, 128 // st.G)
     else:
@@ -461,11 +465,11 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
         return out.reshape(Hq, Lq, D).to(q.dtype)
     qs = (q.to(torch.float32) * scaling).reshape(Hkv, n_rep, Lq, D)
     Lt = max(1, min(32, MAX_TILE_ROWS // n_rep, Lq))
-    it_c, it_h, it_s, it_n = _k_items(ks)
     vit = _v_items(vs)
     bad_k = np.zeros(max(1, ks.ch.shape[0]), np.uint8)
     bad_v = np.zeros(max(1, vs.ch.shape[0]), np.uint8)
     with _numba_threads(nthreads) as nt:
+        it_c, it_h, it_s, it_n = _k_items(ks, nt)
         dw = _v_width(Hkv, D, nt)
         for i0 in range(0, Lq, Lt):
             lt = min(Lt, Lq - i0)

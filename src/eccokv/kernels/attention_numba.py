@@ -204,6 +204,67 @@ def _hdr_cs(words, base, sb, lb, pb, cb, sbase, tsc, ctab, htab):
     return mode, s, p, h, sg * htab[q], sg * ctab[q]
 
 
+_M8 = np.uint64(255)
+_M4 = np.uint16(15)
+_S4 = np.uint16(4)
+_U6 = np.uint64(6)
+_U63 = np.uint64(63)
+
+
+@njit(inline="always", cache=True)
+def _h8(words, base, pos, toff, dtab, lvt, lo, buf, j0):
+    """Decode 8 Huffman symbols from one 64-bit peek at bit `pos` of the block at word
+    `base`: code-space levels lvt[lo + symbol] -> buf[j0 : j0+8]; returns the new bit
+    position. The decoding of `ecco_numba._huff8`, hand-unrolled with the position advanced
+    per symbol and the block's levels copied to a 16-entry table at a constant offset:
+    measured ~35% faster here (the compiler keeps the four interleaved streams in
+    registers instead of spilling per symbol)."""
+    wi = base + (pos >> _U6)
+    off = pos & _U63
+    bits = (words[wi] >> off) | ((words[wi + _ONE] << _ONE) << (_U63 - off))
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(0)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(1)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(2)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(3)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(4)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(5)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(6)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    e = dtab[toff + (bits & _M8)]
+    buf[j0 + np.uint64(7)] = lvt[lo + np.uint64(e & _M4)]
+    ln = np.uint64(e >> _S4)
+    bits >>= ln
+    pos += ln
+    return pos
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
                 sbase, tsc, ctab, htab, ptab, lv, AB, i):
@@ -249,10 +310,13 @@ def _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat,
-                NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB):
-    """Decode blocks b0..b3 in code space into lv[0:512] (128 each), A/B into AB[0:8].
-    Four Huffman streams side by side (as `ecco_numba.decode_blocks`); other modes take
-    the one-block path. Returns the number of corrupt (overrunning) blocks."""
+                NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB, lvt):
+    """Decode blocks b0..b3 in code space into lv[0:512] (128 each), A/B into AB[0:8]
+    (lvt: 64-float scratch for the blocks' level tables). Four Huffman streams side by
+    side (as `ecco_numba.decode_blocks`). Returns the number of corrupt (overrunning)
+    blocks, or -1 (nothing decoded) if a block is all-zero or in the always-fits mode:
+    the caller then runs `_decode4_slow` (keeping that path out of this function made it
+    ~30% faster here)."""
     m0, s0, p0, h0, A0, B0 = _hdr_cs(words, b0 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
     m1, s1, p1, h1, A1, B1 = _hdr_cs(words, b1 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
     m2, s2, p2, h2, A2, B2 = _hdr_cs(words, b2 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
@@ -264,10 +328,11 @@ def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, le
         w1 = np.uint64(b1 * W)
         w2 = np.uint64(b2 * W)
         w3 = np.uint64(b3 * W)
-        l0 = np.uint64(p0 * NL)
-        l1 = np.uint64(p1 * NL)
-        l2 = np.uint64(p2 * NL)
-        l3 = np.uint64(p3 * NL)
+        for k in range(NL):
+            lvt[k] = levels_flat[p0 * NL + k]
+            lvt[16 + k] = levels_flat[p1 * NL + k]
+            lvt[32 + k] = levels_flat[p2 * NL + k]
+            lvt[48 + k] = levels_flat[p3 * NL + k]
         t0 = np.uint64(h0 << 8)
         t1 = np.uint64(h1 << 8)
         t2 = np.uint64(h2 << 8)
@@ -278,13 +343,13 @@ def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, le
         c3 = hdr
         for r in range(16):
             j = np.uint64(r * 8)
-            c0 = _huff8(words, w0, min(c0, lim), t0, dtab, levels_flat, l0, _F1, _F0, lv, j)
-            c1 = _huff8(words, w1, min(c1, lim), t1, dtab, levels_flat, l1, _F1, _F0, lv,
-                        np.uint64(128) + j)
-            c2 = _huff8(words, w2, min(c2, lim), t2, dtab, levels_flat, l2, _F1, _F0, lv,
-                        np.uint64(256) + j)
-            c3 = _huff8(words, w3, min(c3, lim), t3, dtab, levels_flat, l3, _F1, _F0, lv,
-                        np.uint64(384) + j)
+            c0 = _h8(words, w0, min(c0, lim), t0, dtab, lvt, np.uint64(0), lv, j)
+            c1 = _h8(words, w1, min(c1, lim), t1, dtab, lvt, np.uint64(16), lv,
+                     np.uint64(128) + j)
+            c2 = _h8(words, w2, min(c2, lim), t2, dtab, lvt, np.uint64(32), lv,
+                     np.uint64(256) + j)
+            c3 = _h8(words, w3, min(c3, lim), t3, dtab, lvt, np.uint64(48), lv,
+                     np.uint64(384) + j)
         e0 = np.int64(c0)
         e1 = np.int64(c1)
         e2 = np.int64(c2)
@@ -315,6 +380,13 @@ def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, le
         AB[6] = A3
         AB[7] = B3
         return nbad
+    return -1
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _decode4_slow(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat,
+                  NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB):
+    """`_decode4_cs` for a quad with an all-zero or always-fits block: one block at a time."""
     nbad = 0
     for i in range(4):
         b = b0 if i == 0 else (b1 if i == 1 else (b2 if i == 2 else b3))
@@ -327,58 +399,77 @@ def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, le
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _k_ecco_item(words, bbase, bstride, D, n, qf, qoff, R, S, soff, T, ep, levels_flat, dtab,
-                 sbase, tsc, ctab, htab, ptab):
-    """Scores of one Ecco token group (n <= 128 tokens, all D channels of one KV head):
-    block of channel d = bbase + d * bstride. S[soff + r*T + t] = sum_d qf[r, d] * K[t, d],
-    computed as (q*A) * level + (sum_d q*B), the latter once per group. Returns the number
-    of corrupt blocks."""
+def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, ep, levels_flat,
+                 dtab, sbase, tsc, ctab, htab, ptab):
+    """Scores of token groups g0 .. g0+ng-1 of one Ecco chunk (Tc tokens, ngroups groups)
+    for KV head h: S[soff + r*T + t] (t from the first token of group g0) =
+    sum_d qf[r, d] * K[t, d], computed as (q*A) * level + (sum_d q*B), the latter once
+    per group. Four channels are decoded side by side and each channel's blocks are
+    walked in order (block of channel d, group g = (h*D + d) * ngroups + g). Returns the
+    number of corrupt blocks."""
     block_bits, sb, lb, pb, cb, fb, ps, NL = (ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6],
                                               ep[7])
     W = block_bits // 64
     lv = np.empty(4 * _G, np.float32)
-    lv0 = lv[0:n]
-    lv1 = lv[_G:_G + n]
-    lv2 = lv[2 * _G:2 * _G + n]
-    lv3 = lv[3 * _G:3 * _G + n]
+    lvt = np.empty(64, np.float32)
     AB = np.empty(8, np.float32)
-    cB = np.zeros(R, np.float32)
+    cB = np.zeros(R * ng, np.float32)
+    ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
     for r in range(R):
-        S[soff + r * T:soff + r * T + n] = _F0
+        S[soff + r * T:soff + r * T + ntok] = _F0
     nbad = 0
     d = 0
     while d + 4 <= D:
-        bb = bbase + d * bstride
-        nbad += _decode4_cs(words, bb, bb + bstride, bb + 2 * bstride, bb + 3 * bstride, W,
-                            block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
-                            tsc, ctab, htab, ptab, lv, AB)
-        for r in range(R):
-            qr = qf[qoff + r * D + d:qoff + r * D + d + 4]
-            a0 = qr[0] * AB[0]
-            a1 = qr[1] * AB[2]
-            a2 = qr[2] * AB[4]
-            a3 = qr[3] * AB[6]
-            cB[r] += qr[0] * AB[1] + qr[1] * AB[3] + qr[2] * AB[5] + qr[3] * AB[7]
-            srow = S[soff + r * T:soff + r * T + n]
-            for t in range(n):
-                srow[t] += (a0 * lv0[t] + a1 * lv1[t]) + (a2 * lv2[t] + a3 * lv3[t])
+        for gi in range(ng):
+            n = min(_G, Tc - (g0 + gi) * _G)
+            bb = (h * D + d) * ngroups + g0 + gi
+            nb4 = _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
+                              block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
+                              tsc, ctab, htab, ptab, lv, AB, lvt)
+            if nb4 < 0:
+                nb4 = _decode4_slow(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups,
+                                    W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
+                                    dtab, sbase, tsc, ctab, htab, ptab, lv, AB)
+            nbad += nb4
+            lv0 = lv[0:n]
+            lv1 = lv[_G:_G + n]
+            lv2 = lv[2 * _G:2 * _G + n]
+            lv3 = lv[3 * _G:3 * _G + n]
+            for r in range(R):
+                qr = qf[qoff + r * D + d:qoff + r * D + d + 4]
+                a0 = qr[0] * AB[0]
+                a1 = qr[1] * AB[2]
+                a2 = qr[2] * AB[4]
+                a3 = qr[3] * AB[6]
+                cB[r * ng + gi] += qr[0] * AB[1] + qr[1] * AB[3] + qr[2] * AB[5] + qr[3] * AB[7]
+                so = soff + r * T + gi * _G
+                srow = S[so:so + n]
+                for t in range(n):
+                    srow[t] += (a0 * lv0[t] + a1 * lv1[t]) + (a2 * lv2[t] + a3 * lv3[t])
         d += 4
     while d < D:
-        nbad += _decode1_cs(words, bbase + d * bstride, W, block_bits, sb, lb, pb, cb, fb, ps,
-                            levels_flat, NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB, d - d)
-        for r in range(R):
-            qd = qf[qoff + r * D + d]
-            a0 = qd * AB[0]
-            cB[r] += qd * AB[1]
-            srow = S[soff + r * T:soff + r * T + n]
-            for t in range(n):
-                srow[t] += a0 * lv0[t]
+        for gi in range(ng):
+            n = min(_G, Tc - (g0 + gi) * _G)
+            nbad += _decode1_cs(words, (h * D + d) * ngroups + g0 + gi, W, block_bits, sb, lb,
+                                pb, cb, fb, ps, levels_flat, NL, dtab, sbase, tsc, ctab, htab,
+                                ptab, lv, AB, d - d)
+            lv0 = lv[0:n]
+            for r in range(R):
+                qd = qf[qoff + r * D + d]
+                a0 = qd * AB[0]
+                cB[r * ng + gi] += qd * AB[1]
+                so = soff + r * T + gi * _G
+                srow = S[so:so + n]
+                for t in range(n):
+                    srow[t] += a0 * lv0[t]
         d += 1
     for r in range(R):
-        srow = S[soff + r * T:soff + r * T + n]
-        c = cB[r]
-        for t in range(n):
-            srow[t] += c
+        for gi in range(ng):
+            so = soff + r * T + gi * _G
+            srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
+            c = cB[r * ng + gi]
+            for t in range(srow.shape[0]):
+                srow[t] += c
     return nbad
 
 
@@ -531,9 +622,9 @@ def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
     soff = h * R * T + ch[c, 4] + s
     if kind == 0:
         words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
-        ngroups = (Tc + _G - 1) // _G
-        nb = _k_ecco_item(words, h * D * ngroups + s // _G, ngroups, D, n, qf, qoff, R, S, soff,
-                          T, ep, levels_flat, dtab, sbase, tsc[c], ctab, htab, ptab)
+        nb = _k_ecco_item(words, h, s // _G, (n + _G - 1) // _G, (Tc + _G - 1) // _G, Tc, D, qf,
+                          qoff, R, S, soff, T, ep, levels_flat, dtab, sbase, tsc[c], ctab, htab,
+                          ptab)
         if nb:
             bad[c] = 1
         return
@@ -582,6 +673,7 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, le
     W = block_bits // 64
     w = d1 - d0
     lv = np.empty(4 * _G, np.float32)
+    lvt = np.empty(64, np.float32)
     AB = np.empty(8, np.float32)
     ngroups = (Tc + _G - 1) // _G
     nbad = 0
@@ -601,9 +693,14 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, le
         d = d0
         while d + 4 <= d1:
             bb = (h * D + d) * ngroups + g
-            nbad += _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
-                                block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
-                                sbase, tsc, ctab, htab, ptab, lv, AB)
+            nb4 = _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
+                              block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
+                              tsc, ctab, htab, ptab, lv, AB, lvt)
+            if nb4 < 0:
+                nb4 = _decode4_slow(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups,
+                                    W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
+                                    dtab, sbase, tsc, ctab, htab, ptab, lv, AB)
+            nbad += nb4
             for r in range(R):
                 prow = P[tb + r * T:tb + r * T + n]
                 x0 = _F0
