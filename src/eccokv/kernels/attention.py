@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numba
@@ -97,8 +98,8 @@ def fused_supported(codec: str | dict[str, Any] | Codec, axis: int) -> bool:
 
 # ----------------------------------------------------------------------------- codec cache
 
-_CODECS: dict[str, Codec] = {}
-_CONSTS: dict[str, tuple[np.ndarray, ...]] = {}
+_CODECS: dict[Any, Codec] = {}
+_CONSTS: dict[int, tuple[np.ndarray, ...]] = {}
 _LOCK = threading.Lock()
 
 _I64 = np.zeros(8, np.int64)
@@ -108,10 +109,15 @@ _U16 = np.zeros(1, np.uint16)
 _U8 = np.zeros(1, np.uint8)
 _NO_ECCO = (_I64, _F32, _U16, _F64, _F32, _F32, _F32)
 _NO_ITEMS = tuple(np.zeros(0, np.int64) for _ in range(4))
+_NO_CHUNKS = np.zeros((0, 8), np.int64)
+_NO_TSC = np.zeros(0, np.float64)
 
 
-def _key(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True, default=str)
+def _key(cfg: dict[str, Any]) -> Any:
+    try:
+        return tuple(sorted(cfg.items()))
+    except TypeError:  # unhashable or unorderable values
+        return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def _codec_for(cfg: dict[str, Any]) -> Codec:
@@ -129,7 +135,7 @@ def _codec_for(cfg: dict[str, Any]) -> Codec:
 
 def _ecco_consts(codec: Codec) -> tuple[np.ndarray, ...]:
     """(ep, levels_flat, dtab, sbase, ctab, htab, ptab) for the Ecco kernels."""
-    k = _key(codec.get_config())
+    k = id(codec)  # codecs live in _CODECS for the life of the process
     cst = _CONSTS.get(k)
     if cst is None:
         from eccokv.codecs.ecco import _PTAB, POS_BITS
@@ -168,13 +174,13 @@ class _Stream:
     Hkv: int
     D: int
     kind: int = KIND_ECCO
-    ch: np.ndarray = field(default_factory=lambda: np.zeros((0, 8), np.int64))
-    tsc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    ch: np.ndarray = field(default_factory=lambda: _NO_CHUNKS)  # shared, never written
+    tsc: np.ndarray = field(default_factory=lambda: _NO_TSC)
     consts: tuple[np.ndarray, ...] = _NO_ECCO
     G: int = 128
     bits: int = 4
     Tc: int = 0  # compressed tokens
-    exact: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
+    exact: np.ndarray = field(default_factory=lambda: _F32)
     Te: int = 0
     keep: list[Any] = field(default_factory=list)  # keeps chunk arrays alive
 
@@ -291,37 +297,34 @@ def _spans(lengths: np.ndarray, span: int, Hkv: int, chunk_ids: np.ndarray) -> t
     return c, h, s, n
 
 
-def _items(st: _Stream, span: int, exact_span: int) -> tuple[np.ndarray, np.ndarray,
-                                                              np.ndarray, np.ndarray]:
-    """Work items (chunk, head, first token, count): each chunk cut into `span`-token
-    pieces per KV head, then the exact tail (chunk index = number of chunks)."""
-    nch = st.ch.shape[0]
-    parts = [_spans(st.ch[:, 3], span, st.Hkv, np.arange(nch))]
-    if st.Te:
-        parts.append(_spans(np.array([st.Te]), exact_span, st.Hkv, np.array([nch])))
-    return tuple(np.ascontiguousarray(np.concatenate([p[i] for p in parts]))
-                 for i in range(4))  # type: ignore[return-value]
+@lru_cache(maxsize=256)
+def _chunk_items(lengths: tuple[int, ...], span: int, Hkv: int) -> tuple[np.ndarray, ...]:
+    """Work items (chunk, head, first token, count) cutting each chunk into `span`-token
+    pieces per KV head (cached: a stream's chunks change only when one is appended). The
+    exact tail's items are derived inside the kernels."""
+    items = _spans(np.array(lengths, np.int64), span, Hkv, np.arange(len(lengths)))
+    return tuple(np.ascontiguousarray(a) for a in items)  # callers never write to them
 
 
-def _k_items(st: _Stream, nthreads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                  np.ndarray]:
+def _k_items(st: _Stream, nthreads: int) -> tuple[np.ndarray, ...]:
+    lengths = tuple(int(n) for n in st.ch[:, 3])
     if st.kind == KIND_ECCO:
         # up to 8 token groups per item (each channel's blocks are then read in order),
         # while leaving >= 4 items per thread
-        groups = int(np.sum((st.ch[:, 3] + 127) // 128)) * st.Hkv
-        span = 128 * int(np.clip(groups // (4 * nthreads), 1, 8))
+        groups = sum((n + 127) // 128 for n in lengths) * st.Hkv
+        span = 128 * max(1, min(8, groups // (4 * nthreads)))
     elif st.kind == KIND_INT_TOKENS:
         span = st.G * max(1, 128 // st.G)
     else:
         span = _INT_CH_SPAN
-    return _items(st, span, _EXACT_SPAN)
+    return _chunk_items(lengths, span, st.Hkv)
 
 
-def _v_items(st: _Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _v_items(st: _Stream) -> tuple[np.ndarray, ...]:
     """Token-span V items, used only for int chunks grouped over channels (kind 2)."""
-    if st.kind != KIND_INT_CHANNELS or st.ch.shape[0] == 0:
+    if st.kind != KIND_INT_CHANNELS:
         return _NO_ITEMS
-    return _items(st, _V_SPAN, _V_SPAN)
+    return _chunk_items(tuple(int(n) for n in st.ch[:, 3]), _V_SPAN, st.Hkv)
 
 
 def _v_width(Hkv: int, D: int, nthreads: int) -> int:
@@ -364,11 +367,18 @@ def _prepare_mask(mask: torch.Tensor | None, Lq: int, T: int) -> tuple[int, np.n
             b.contiguous().reshape(-1).numpy())
 
 
-def _check_q(q: Any) -> torch.Tensor:
-    q = check_input(q, "q")  # TypeError / ValueError (NaN, Inf) with positions
+def _check_q(q: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """(q on the CPU, its float32 values as a contiguous numpy array [Hq, Lq, D]); raises
+    TypeError / ValueError (NaN or Inf, with positions) like `check_input`."""
+    if (not isinstance(q, torch.Tensor) or q.dtype not in SUPPORTED_DTYPES
+            or q.device.type != "cpu"):
+        q = check_input(q, "q")  # the detailed TypeError, or moves q to the CPU
     if q.dim() != 3:
         raise ValueError(f"q must be [Hq, Lq, D], got shape {tuple(q.shape)}")
-    return q
+    qn = q.detach().to(torch.float32).contiguous().numpy()
+    if qn.size and not np.isfinite(qn).all():
+        check_input(q, "q")  # raises with the count and positions
+    return q, qn
 
 
 def _check_shapes(q: torch.Tensor, ks: _Stream, vs: _Stream) -> int:
@@ -451,7 +461,7 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
     """
     from eccokv.kernels import attention_numba as kn
 
-    q = _check_q(q)
+    q, qn = _check_q(q)
     scaling = _check_scaling(scaling)
     ks = _prepare_stream(k_chunks, k_exact, "K")
     vs = _prepare_stream(v_chunks, v_exact, "V")
@@ -463,7 +473,7 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
     out = torch.zeros(Hkv, n_rep, Lq, D, dtype=torch.float32)
     if T == 0 or Lq == 0 or D == 0:
         return out.reshape(Hq, Lq, D).to(q.dtype)
-    qs = (q.to(torch.float32) * scaling).reshape(Hkv, n_rep, Lq, D)
+    qs = torch.from_numpy(qn * np.float32(scaling)).reshape(Hkv, n_rep, Lq, D)
     Lt = max(1, min(32, MAX_TILE_ROWS // n_rep, Lq))
     vit = _v_items(vs)
     bad_k = np.zeros(max(1, ks.ch.shape[0]), np.uint8)
@@ -479,12 +489,13 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
             lsum = _scratch("lsum", Hkv * R)
             o = _scratch("out", Hkv * R * D)
             kn.k_phase(ks.kind, *ks.consts, ks.G, ks.bits, ks.ch, ks.tsc, it_c, it_h, it_s,
-                       it_n, ks.exact, ks.Te, ks.Tc, qf, Hkv, R, D, T, S, bad_k, mode, allow,
-                       bias, i0, lt, Lq, lsum)
+                       it_n, ks.exact, ks.Te, _EXACT_SPAN, ks.Tc, qf, Hkv, R, D, T, S, bad_k,
+                       mode, allow, bias, i0, lt, Lq, lsum)
             _raise_bad(bad_k, "K")
-            part = _scratch("part", vit[0].shape[0] * R * D)
+            nvi = vit[0].shape[0] + Hkv * -(-vs.Te // _V_SPAN) if vs.kind == 2 else 0
+            part = _scratch("part", nvi * R * D)
             kn.v_phase(vs.kind, *vs.consts, vs.G, vs.bits, vs.ch, vs.tsc, vs.exact, vs.Te,
-                       vs.Tc, S, lsum, Hkv, R, D, T, dw, o, bad_v, *vit, part)
+                       _V_SPAN, vs.Tc, S, lsum, Hkv, R, D, T, dw, o, bad_v, *vit, part)
             _raise_bad(bad_v, "V")
             out[:, :, i0:i0 + lt] = torch.from_numpy(o).view(Hkv, n_rep, lt, D)
     return out.reshape(Hq, Lq, D).to(q.dtype)
@@ -525,7 +536,7 @@ def reference_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
     without a mask folds the query heads of a KV head into one SDPA call; fully masked
     rows then follow SDPA's own convention).
     """
-    q = _check_q(q)
+    q, _ = _check_q(q)
     scaling = _check_scaling(scaling)
     nthreads = _default_threads(num_threads)
     prev_torch = torch.get_num_threads()

@@ -607,17 +607,21 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c,
-            it_h, it_s, it_n, kx, Te, Tc_tot, qf, R, D, T, S, bad):
+            it_h, it_s, it_n, kx, Te, es, Tc_tot, qf, R, D, T, S, bad):
     """One K work item (see `k_phase`)."""
-    nch = ch.shape[0]
+    nci = it_c.shape[0]
+    if it >= nci:  # exact tail: items of `es` tokens per KV head
+        ne = (Te + es - 1) // es
+        h = (it - nci) // ne
+        s = (it - nci - h * ne) * es
+        _k_exact_item(kx, (h * Te + s) * D, min(es, Te - s), D, qf, h * R * D, R, S,
+                      h * R * T + Tc_tot + s, T)
+        return
     c = it_c[it]
     h = it_h[it]
     s = it_s[it]
     n = it_n[it]
     qoff = h * R * D
-    if c >= nch:
-        _k_exact_item(kx, (h * Te + s) * D, n, D, qf, qoff, R, S, h * R * T + Tc_tot + s, T)
-        return
     Tc = ch[c, 3]
     soff = h * R * T + ch[c, 4] + s
     if kind == 0:
@@ -645,15 +649,17 @@ def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def k_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c, it_h,
-            it_s, it_n, kx, Te, Tc_tot, qf, Hkv, R, D, T, S, bad, mode, allow, bias, i0, Lt,
-            Lq, lsum):
+            it_s, it_n, kx, Te, es, Tc_tot, qf, Hkv, R, D, T, S, bad, mode, allow, bias, i0,
+            Lt, Lq, lsum):
     """Scores of every (KV head, tile row, token) into S, then the softmax weights in place
-    and their sums in lsum. Work items (it_c, it_h, it_s, it_n): chunk (== nch: the exact
-    tail), KV head, first token within the chunk / tail, token count. bad[c] = 1 for a
-    chunk with a corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
-    for it in prange(it_c.shape[0]):
+    and their sums in lsum. Work items: the chunks' (it_c, it_h, it_s, it_n) = chunk, KV
+    head, first token within the chunk, token count; then the exact tail (Te tokens from
+    token Tc_tot) in pieces of `es` tokens per KV head. bad[c] = 1 for a chunk with a
+    corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
+    nit = it_c.shape[0] + Hkv * ((Te + es - 1) // es)
+    for it in prange(nit):
         _k_item(np.int64(it), kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch,
-                tsc, it_c, it_h, it_s, it_n, kx, Te, Tc_tot, qf, R, D, T, S, bad)
+                tsc, it_c, it_h, it_s, it_n, kx, Te, es, Tc_tot, qf, R, D, T, S, bad)
     for row in prange(Hkv * R):
         i = i0 + (row % R) % Lt
         na = min(T, max(0, T - Lq + i + 1))
@@ -847,19 +853,20 @@ def _v_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P, R, D, T, part):
-    """One token-span V work item (int chunks grouped over channels, or the exact tail):
-    its partial sum_t p[r, t] * V[t, :] goes to part[it, r, :]."""
-    nch = ch.shape[0]
-    c = it_c[it]
-    h = it_h[it]
-    s = it_s[it]
-    n = it_n[it]
-    poff = h * R * T
+def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot, P, R, D, T,
+                 part):
+    """One token-span V work item (int chunks grouped over channels, or the exact tail in
+    pieces of `es` tokens per head): its partial sum_t p[r, t] * V[t, :] goes to
+    part[it, r, :]."""
+    nci = it_c.shape[0]
     acc = part[it * R * D:(it + 1) * R * D]
     acc[:] = _F0
-    if c >= nch:
-        for t in range(s, s + n):
+    if it >= nci:
+        ne = (Te + es - 1) // es
+        h = (it - nci) // ne
+        s = (it - nci - h * ne) * es
+        poff = h * R * T
+        for t in range(s, min(Te, s + es)):
             vrow = vx[(h * Te + t) * D:(h * Te + t + 1) * D]
             for r in range(R):
                 pw = P[poff + r * T + Tc_tot + t]
@@ -867,6 +874,11 @@ def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P, R, 
                 for j in range(D):
                     arow[j] += pw * vrow[j]
         return
+    c = it_c[it]
+    h = it_h[it]
+    s = it_s[it]
+    n = it_n[it]
+    poff = h * R * T
     is32 = ch[c, 5] == 1
     n1 = ch[c, 7]
     codes = carray(_ptr_u8(ch[c, 0]), ch[c, 6])
@@ -880,13 +892,19 @@ def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P, R, 
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_reduce_row(row, R, D, it_h, part, lsum, out):
-    """out[row] = sum of the span items' partials of this (head, tile row) / lsum[row]."""
+def _v_reduce_row(row, R, D, it_h, ne, part, lsum, out):
+    """out[row] = sum of the span items' partials of this (head, tile row) / lsum[row]
+    (chunk items with it_h == head, then the head's `ne` exact-tail items)."""
     h = row // R
     r = row - h * R
     o = out[row * D:(row + 1) * D]
     o[:] = _F0
-    for it in range(it_h.shape[0]):
+    nci = it_h.shape[0]
+    for it in range(nci + ne * h, nci + ne * (h + 1)):
+        pr = part[(it * R + r) * D:(it * R + r + 1) * D]
+        for j in range(D):
+            o[j] += pr[j]
+    for it in range(nci):
         if it_h[it] == h:
             pr = part[(it * R + r) * D:(it * R + r + 1) * D]
             for j in range(D):
@@ -898,19 +916,20 @@ def _v_reduce_row(row, R, D, it_h, part, lsum, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def v_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te,
+def v_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te, es,
             Tc_tot, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
     """out[h, r, d] = sum_t p[h, r, t] * V[h, t, d] / lsum[h, r] (0 where lsum == 0).
     kind 0/1: work items (KV head, dw consecutive channels), each over every chunk and the
     exact tail. kind 2 (int grouped over channels): token-span items (it_c, it_h, it_s,
-    it_n as in `k_phase`) write partial sums into part [items, R, D], then one reduction
-    per output row."""
+    it_n and the exact tail in pieces of `es` tokens, as in `k_phase`) write partial sums
+    into part [items, R, D], then one reduction per output row."""
     if kind == 2:
-        for it in prange(it_c.shape[0]):
-            _v_span_item(np.int64(it), G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, Tc_tot, P,
-                         R, D, T, part)
+        ne = (Te + es - 1) // es
+        for it in prange(it_c.shape[0] + Hkv * ne):
+            _v_span_item(np.int64(it), G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot,
+                         P, R, D, T, part)
         for row in prange(Hkv * R):
-            _v_reduce_row(np.int64(row), R, D, it_h, part, lsum, out)
+            _v_reduce_row(np.int64(row), R, D, it_h, ne, part, lsum, out)
     else:
         nd = (D + dw - 1) // dw
         for it in prange(Hkv * nd):

@@ -1,0 +1,359 @@
+"""`eccokv bench attention`: one decode step (one query token, batch 1) of attention over a
+KV cache, fused kernels on the compressed cache against decode-then-SDPA and torch
+attention over the uncompressed cache.
+
+For each layer shape (SmolLM2-135M: 3 KV heads x 64, 9 query heads; a Llama-3-8B-like
+layer: 8 x 128, 32 query heads), context length and thread count it times, in the same
+run and round-robin (so machine noise hits every path alike), the median of `repeats`
+calls after warm-up of:
+
+* fused ecco4 (K and V grouped over tokens), fused int4 / kivi4 / kivi2 (K over tokens,
+  V over channels, as KIVI): `eccokv.kernels.attention.fused_attention`;
+* decode-then-SDPA (ecco4): decode every chunk to float32, concatenate, torch SDPA
+  (`reference_attention(..., sdpa=True)`);
+* torch SDPA over the uncompressed cache in float32 and in bfloat16, and matmul-softmax-
+  matmul in bfloat16 (eager attention). The query heads of a KV head are folded into one
+  [n_rep, D] query block (no repeat_kv copy): the fastest way to run these in torch.
+
+The cache layout is what `EccoCache` keeps: compressed chunks of `chunk` tokens (whole
+128-token groups) and an exact window of `residual` tokens. K/V are synthetic (Gaussian
+with per-channel scales and offsets and a few outlier channels, like real keys); time
+does not depend on the values except through Ecco's code lengths. The memory floor of each
+path is the bytes it must move divided by the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+import eccokv
+from eccokv import codecs
+from eccokv.kernels.attention import fused_attention, reference_attention
+
+SHAPES: dict[str, tuple[int, int, int]] = {  # name -> (kv heads, head_dim, query heads)
+    "smollm2": (3, 64, 9),
+    "llama3-8b": (8, 128, 32),
+}
+FUSED: tuple[tuple[str, int, int], ...] = (  # codec, K axis, V axis of [Hkv, T, D] chunks
+    ("ecco4", 1, 1),
+    ("int4", 1, 2),
+    ("kivi4", 1, 2),
+    ("kivi2", 1, 2),
+)
+TORCH_PATHS = ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
+DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768)
+
+
+@njit(parallel=True, cache=True)
+def _par_sum(a):
+    n = a.size
+    nch = 64
+    per = (n + nch - 1) // nch
+    acc = np.zeros(nch)
+    for c in prange(nch):
+        s = 0.0
+        for i in range(c * per, min(n, (c + 1) * per)):
+            s += a[i]
+        acc[c] = s
+    return acc.sum()
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Best-of-`repeats` memory read bandwidth in GB/s: a parallel sum over `nbytes`."""
+    numba.set_num_threads(threads)
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    _par_sum(a)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _par_sum(a)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def kv_like(hkv: int, t: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic K, V [hkv, t, d] float32: per-channel scales/offsets, outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.exp(0.6 * torch.randn(1, 1, d, generator=g))
+    ks[..., :: max(1, d // 16)] *= 6.0
+    k = torch.randn(hkv, t, d, generator=g) * ks + 0.5 * ks * torch.randn(1, 1, d, generator=g)
+    vs = torch.exp(0.3 * torch.randn(1, 1, d, generator=g))
+    v = torch.randn(hkv, t, d, generator=g) * vs
+    return k, v
+
+
+def split_cache(x: torch.Tensor, codec: codecs.Codec, axis: int, chunk: int,
+                residual: int) -> tuple[list[codecs.Compressed], torch.Tensor]:
+    """EccoCache's layout: chunks of `chunk` tokens (whole 128-token groups), then an exact
+    window of at least `residual` tokens."""
+    T = x.shape[1]
+    tc = max(0, (T - residual) // 128 * 128)
+    chunks = [codec.encode(x[:, s:min(tc, s + chunk)].contiguous(), axis=axis)
+              for s in range(0, tc, chunk)]
+    return chunks, x[:, tc:].contiguous()
+
+
+def _median_times(fns: dict[str, Callable[[], Any]], repeats: int,
+                  warmup: int = 2) -> dict[str, float]:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():  # round-robin: noise hits every path alike
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: int,
+               residual: int, bandwidth: dict[int, float], seed: int = 0) -> list[dict[str, Any]]:
+    """All paths for one layer shape and context length, for each thread count."""
+    hkv, d, hq = SHAPES[shape]
+    n_rep = hq // hkv
+    scale = d ** -0.5
+    K, V = kv_like(hkv, T, d, seed)
+    q = torch.randn(hq, 1, d, generator=torch.Generator().manual_seed(seed + 1))
+    caches = {}
+    for name, kax, vax in FUSED:
+        codec = codecs.get(name)
+        kc, ke = split_cache(K, codec, kax, chunk, residual)
+        vc, ve = split_cache(V, codec, vax, chunk, residual)
+        caches[name] = (kc, ke, vc, ve)
+    Kb, Vb = K.to(torch.bfloat16), V.to(torch.bfloat16)
+    q4, q4b = q.reshape(1, hkv, n_rep, d), q.reshape(1, hkv, n_rep, d).to(torch.bfloat16)
+    K4, V4, K4b, V4b = K[None], V[None], Kb[None], Vb[None]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def eager_bf16() -> torch.Tensor:
+        w = torch.matmul(q4b, K4b.transpose(-1, -2)) * scale
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(torch.bfloat16)
+        return torch.matmul(w, V4b)
+
+    def payload(cs: list[codecs.Compressed]) -> int:
+        return sum(c.payload_nbytes for c in cs)
+
+    rows = []
+    for th in threads:
+        torch.set_num_threads(th)
+        numba.set_num_threads(th)
+        fns: dict[str, Callable[[], Any]] = {}
+        for name, _, _ in FUSED:
+            fns[f"fused_{name}"] = partial(fused_attention, q, *caches[name], scaling=scale,
+                                           num_threads=th)
+        fns["decode_sdpa_ecco4"] = partial(reference_attention, q, *caches["ecco4"],
+                                           scaling=scale, num_threads=th, sdpa=True)
+        e_kc, e_ke, e_vc, e_ve = caches["ecco4"]
+        fns["sdpa_fp32"] = lambda: sdpa(q4, K4, V4, scale=scale)
+        fns["sdpa_bf16"] = lambda: sdpa(q4b, K4b, V4b, scale=scale)
+        fns["eager_bf16"] = eager_bf16
+        # sanity: the fused path equals decode-then-SDPA
+        ref = fns["decode_sdpa_ecco4"]()
+        diff = float((fns["fused_ecco4"]() - ref).abs().max() / ref.abs().max())
+        t = _median_times(fns, repeats)
+        # bytes each path must move (reads; decode-then-SDPA also writes and re-reads the
+        # float32 copy); the exact window is float32 in the compressed caches
+        nbytes: dict[str, int] = {}
+        for name, _, _ in FUSED:
+            kc, ke, vc, ve = caches[name]
+            nbytes[f"fused_{name}"] = payload(kc) + payload(vc) + 4 * (ke.numel() + ve.numel())
+        nbytes["decode_sdpa_ecco4"] = (payload(e_kc) + payload(e_vc) + 2 * 4 * 2 * K.numel())
+        nbytes["sdpa_fp32"] = 4 * 2 * K.numel()
+        nbytes["sdpa_bf16"] = nbytes["eager_bf16"] = 2 * 2 * K.numel()
+        fastest_torch = min(TORCH_PATHS, key=lambda k: t[k])
+        row: dict[str, Any] = {
+            "shape": shape, "kv_heads": hkv, "head_dim": d, "q_heads": hq, "context": T,
+            "threads": th, "compressed_tokens": sum(c.shape[1] for c in e_kc),
+            "exact_tokens": int(e_ke.shape[1]),
+            "ms": {k: 1e3 * v for k, v in t.items()},
+            "bytes": nbytes,
+            "floor_ms": {k: 1e3 * v / (bandwidth[th] * 1e9) for k, v in nbytes.items()},
+            "fastest_torch": fastest_torch,
+            "fused_ecco4_over_fastest_torch": t["fused_ecco4"] / t[fastest_torch],
+            "decode_sdpa_over_fused_ecco4": t["decode_sdpa_ecco4"] / t["fused_ecco4"],
+            "fused_ecco4_vs_decode_sdpa_max_rel_diff": diff,
+            "fused_ecco4_Gvalues_per_s": 2 * K.numel() / t["fused_ecco4"] / 1e9,
+        }
+        rows.append(row)
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import psutil
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "load_average_start": list(os.getloadavg()),
+        "eccokv": eccokv.__version__,
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numba_threading_layer": None,
+        "numba_max_threads": numba.config.NUMBA_NUM_THREADS,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1, 2),
+        shapes: Sequence[str] = tuple(SHAPES), repeats: int = 7, chunk: int = 1024,
+        residual: int = 128, out_dir: str | Path | None = "benchmarks", progress: bool = True,
+        command: str | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result dict and writes attention.{json,md,png}."""
+    for s in shapes:
+        if s not in SHAPES:
+            raise ValueError(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    if chunk <= 0 or chunk % 128 or residual < 0 or repeats < 1:
+        raise ValueError("chunk must be a positive multiple of 128, residual >= 0, repeats >= 1")
+    env = environment()
+    t_start = time.perf_counter()
+    bw = {th: read_bandwidth(th) for th in threads}
+    env["numba_threading_layer"] = numba.threading_layer()
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        for T in contexts:
+            if progress:
+                print(f"bench attention: {shape} context {T} ...", file=sys.stderr, flush=True)
+            rows += bench_case(shape, T, threads, repeats, chunk, residual, bw)
+    env["load_average_end"] = list(os.getloadavg())
+    result = {
+        "benchmark": "attention",
+        "command": command or "eccokv bench attention",
+        "what": "one decode step (1 query token, batch 1) of one attention layer; median of "
+                f"{repeats} calls after 2 warm-up calls, paths interleaved round-robin",
+        "data": "synthetic K/V: Gaussian with per-channel log-normal scales, channel offsets "
+                "and outlier channels (x6 every 16th channel)",
+        "cache_layout": {"chunk_tokens": chunk, "exact_window_tokens": residual},
+        "environment": env,
+        "read_bandwidth_GBps": {str(k): v for k, v in bw.items()},
+        "seconds": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+    if out_dir is not None:
+        write_reports(result, Path(out_dir))
+    return result
+
+
+PATH_ORDER = ("fused_ecco4", "fused_int4", "fused_kivi4", "fused_kivi2", "decode_sdpa_ecco4",
+              "sdpa_fp32", "sdpa_bf16", "eager_bf16")
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [
+        "# Decode-step attention over a compressed KV cache",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs), threading layer "
+        f"{env['numba_threading_layer']}, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, load "
+        f"average {env['load_average_start'][0]:.1f} at start / "
+        f"{env.get('load_average_end', [0])[0]:.1f} at end (machine shared)  ",
+        f"Versions: torch {env['torch']}, numba {env['numba']}, numpy {env['numpy']}, "
+        f"python {env['python']}  ",
+        f"What: {result['what']}; {result['data']}; cache = chunks of "
+        f"{result['cache_layout']['chunk_tokens']} tokens + "
+        f"{result['cache_layout']['exact_window_tokens']}-token exact window.  ",
+        "Read bandwidth (same run): " + ", ".join(
+            f"{k} thread(s) {v:.1f} GB/s" for k, v in result["read_bandwidth_GBps"].items()),
+        "",
+        "Times in ms. Ratios: fused ecco4 / fastest uncompressed torch path (target <= 1.5, "
+        "goal <= 1.0) and decode-then-SDPA / fused ecco4 (target >= 2). Floor: bytes the "
+        "path must move / read bandwidth.",
+        "",
+        "| shape | context | threads | " + " | ".join(PATH_ORDER)
+        + " | fused ecco4 / fastest torch | dec+SDPA / fused ecco4 | floor fused ecco4 | "
+          "floor sdpa fp32 |",
+        "|---|---|---|" + "---|" * len(PATH_ORDER) + "---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ms = r["ms"]
+        cells = [f"{ms[k]:.2f}" for k in PATH_ORDER]
+        lines.append(
+            f"| {r['shape']} ({r['kv_heads']}x{r['head_dim']}, {r['q_heads']} q) | "
+            f"{r['context']} | {r['threads']} | " + " | ".join(cells)
+            + f" | {r['fused_ecco4_over_fastest_torch']:.2f} ({r['fastest_torch']}) | "
+              f"{r['decode_sdpa_over_fused_ecco4']:.2f} | {r['floor_ms']['fused_ecco4']:.3f} | "
+              f"{r['floor_ms']['sdpa_fp32']:.3f} |")
+    lines += ["", "Fused ecco4 equals decode-then-SDPA to max relative difference "
+              + f"{max(r['fused_ecco4_vs_decode_sdpa_max_rel_diff'] for r in result['rows']):.2g}"
+              + " (all rows).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    threads = sorted({r["threads"] for r in rows})
+    fig, axes = plt.subplots(len(threads), len(shapes), figsize=(6 * len(shapes),
+                                                                  4.2 * len(threads)),
+                             squeeze=False)
+    styles = {"fused_ecco4": ("C0", "-", "o"), "fused_int4": ("C1", "-", "s"),
+              "fused_kivi4": ("C2", "-", "^"), "fused_kivi2": ("C4", "-", "v"),
+              "decode_sdpa_ecco4": ("C3", "--", "x"), "sdpa_fp32": ("k", ":", "D"),
+              "sdpa_bf16": ("0.45", ":", "d"), "eager_bf16": ("C5", ":", "P")}
+    for i, th in enumerate(threads):
+        for j, sh in enumerate(shapes):
+            ax = axes[i][j]
+            sel = sorted((r for r in rows if r["shape"] == sh and r["threads"] == th),
+                         key=lambda r: r["context"])
+            if not sel:
+                continue
+            x = [r["context"] for r in sel]
+            for k in PATH_ORDER:
+                c, ls, m = styles[k]
+                ax.plot(x, [r["ms"][k] for r in sel], color=c, ls=ls, marker=m, label=k)
+            ax.plot(x, [r["floor_ms"]["fused_ecco4"] for r in sel], color="C0", ls="-.",
+                    lw=0.8, label="memory floor, ecco4")
+            ax.plot(x, [r["floor_ms"]["sdpa_fp32"] for r in sel], color="k", ls="-.", lw=0.8,
+                    label="memory floor, fp32")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            r0 = sel[0]
+            ax.set_title(f"{sh} ({r0['kv_heads']}x{r0['head_dim']}, {r0['q_heads']} q heads), "
+                         f"{th} thread(s)")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("ms per decode step (one layer)")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (out_dir / "attention.md").write_text(to_markdown(result))
+    plot(result, out_dir / "attention.png")
