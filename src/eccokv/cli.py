@@ -81,6 +81,23 @@ def cmd_bench_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from eccokv.bench import attention as ba
+
+    res = ba.run(contexts=[int(c) for c in args.context.split(",")],
+                 threads=[int(t) for t in args.threads.split(",")],
+                 shapes=args.shapes.split(","), repeats=args.repeats, chunk=args.chunk,
+                 residual=args.residual, out_dir=args.out_dir or None,
+                 progress=not args.json, command=_command_line())
+    if args.json:
+        _print_json(res)
+    else:
+        print(ba.to_markdown(res))
+        if args.out_dir:
+            print(f"wrote {args.out_dir}/attention.json, attention.md and attention.png")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from eccokv.demo import run_demo
 
@@ -132,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="benchmarks")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_profiles)
+
+    s = b.add_parser("attention", help="decode-step attention: fused kernels on the compressed "
+                     "cache vs decode-then-SDPA vs torch (-> attention.{json,md,png})")
+    s.add_argument("--context", default="1024,4096,16384,32768", help="context lengths")
+    s.add_argument("--threads", default="1,2")
+    s.add_argument("--shapes", default="smollm2,llama3-8b")
+    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--chunk", type=int, default=1024, help="tokens per compressed chunk")
+    s.add_argument("--residual", type=int, default=128, help="exact window (tokens)")
+    s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_attention)
 
     s = sub.add_parser("demo", help="compress the real KV cache of a Wikipedia article")
     s.add_argument("--model", default="smollm2")
