@@ -120,6 +120,17 @@ def test_partial_ecco_groups():
     assert_close(*run_both(q, kc, ke, vc, ve))
 
 
+@pytest.mark.parametrize("d", [66, 72])
+def test_head_dims_with_remainders(d):
+    """head_dim not a multiple of 4 (one-block decode path) or of the V channel slab."""
+    hkv, n_rep = 2, 3
+    for name, kax, vax in (("ecco4", 1, 1), ("kivi2", 1, 2), ("int4", 2, 1)):
+        kc, ke = make_stream(name, kax, [256], 7, hkv, d, 40)
+        vc, ve = make_stream(name, vax, [128, 128], 7, hkv, d, 41)
+        q = torch.randn(hkv * n_rep, 3, d)
+        assert_close(*run_both(q, kc, ke, vc, ve))
+
+
 @pytest.mark.parametrize("name", ["ecco4", "ecco2", "int4", "kivi2"])
 def test_masks(name):
     hkv, n_rep, d, lq = 2, 4, 64, 6
