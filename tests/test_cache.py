@@ -348,3 +348,16 @@ def test_sink_tokens_stay_exact():
     assert layer.k.sink_len == 2 and layer.k.compressed_len == 0 and layer.get_seq_length() == 2
     with pytest.raises(ValueError, match="sink_tokens"):
         EccoCache(tiny("llama")[1], sink_tokens=-2)
+
+
+def test_exact_dtype_halves_the_window():
+    model, cfg = tiny("llama", layers=1)
+    ids = _ids(1, 200)
+    ref = _steps(model, EccoCache(cfg, "ecco4", residual_length=16, fused=False), ids, 190)
+    c16 = EccoCache(cfg, "ecco4", residual_length=16, exact_dtype=torch.float16)
+    got = _steps(model, c16, ids, 190)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-2
+    lay = c16.memory_report()["layers"][0]["key"]
+    assert lay["exact_bytes"] == (lay["sink_tokens"] + lay["exact_tokens"]) * 2 * 16 * 2
+    with pytest.raises(ValueError, match="exact_dtype"):
+        EccoCache(cfg, exact_dtype=torch.int8)

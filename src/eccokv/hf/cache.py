@@ -66,10 +66,12 @@ class _Stream:
     only after `crop` cut into it. exact [B, H, Te, D]: the rest.
     """
 
-    def __init__(self, spec: StreamSpec, residual: int, sink: int) -> None:
+    def __init__(self, spec: StreamSpec, residual: int, sink: int,
+                 exact_dtype: torch.dtype | None = None) -> None:
         self.spec = spec
         self.residual = residual
         self.n_sink = sink
+        self.exact_dtype = exact_dtype
         self.reset()
 
     def reset(self) -> None:
@@ -112,7 +114,7 @@ class _Stream:
         """[B, H, len + S, D]: sink ++ decoded chunks ++ exact window ++ `new` (this step)."""
         parts = [x for x in (self.sink, self.exact) if x is not None]
         if not self.chunks:
-            return torch.cat(parts + [new], dim=-2) if parts else new
+            return torch.cat([x.to(new.dtype) for x in parts] + [new], -2) if parts else new
         B, H, S, D = new.shape
         out = torch.empty((B, H, len(self) + S, D), dtype=new.dtype)
         t = self.sink_len
@@ -128,6 +130,8 @@ class _Stream:
         """Add the step's tokens, then compress the tokens older than the exact window, in
         multiples of `g` tokens (whole groups of both of the layer's streams)."""
         new = new.detach()
+        if self.exact_dtype is not None:
+            new = new.to(self.exact_dtype)
         self.exact = new.clone() if self.exact is None else torch.cat([self.exact, new], dim=-2)
         need = self.n_sink - self.sink_len
         if need > 0:
@@ -200,7 +204,7 @@ class EccoLayer(CacheLayerMixin):
 
     def __init__(self, spec: LayerSpec | None = None, residual_length: int = DEFAULT_RESIDUAL,
                  sink_tokens: int = DEFAULT_SINK, attn_config: Any = None,
-                 **kwargs: Any) -> None:
+                 exact_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.attn_config = attn_config  # fused attention when it selects "eccokv"
         if spec is None:
@@ -214,8 +218,11 @@ class EccoLayer(CacheLayerMixin):
         if not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         self.sink_tokens = sink_tokens
-        self.k = _Stream(spec.key, residual_length, sink_tokens)
-        self.v = _Stream(spec.value, residual_length, sink_tokens)
+        if exact_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"exact_dtype must be None (the model's dtype), torch.float32, "
+                             f"torch.float16 or torch.bfloat16; got {exact_dtype!r}")
+        self.k = _Stream(spec.key, residual_length, sink_tokens, exact_dtype)
+        self.v = _Stream(spec.value, residual_length, sink_tokens, exact_dtype)
         self.seq = 0
 
     def __repr__(self) -> str:
@@ -286,7 +293,7 @@ class EccoLayer(CacheLayerMixin):
                 if any(v != ch[0].shape[1] for v, ch in zip(s.valid, s.chunks, strict=True)):
                     warn_once("a compressed chunk cut by crop()")
                     return None
-            tail = [x for x in (s.sink, s.exact) if x is not None] + [new]
+            tail = [x.to(new.dtype) for x in (s.sink, s.exact) if x is not None] + [new]
             views.append(StreamView(list(s.chunks), torch.cat(tail, dim=-2), s.sink_len))
         return FusedStep(*views)
 
@@ -390,13 +397,16 @@ class EccoCache(Cache):
     fused: attend straight from the compressed cache (switches the model's config to the
     "eccokv" attention, which hands every other cache to the previous implementation);
     False decodes the compressed part into a temporary tensor at every step.
+    exact_dtype: storage dtype of the exact sink and window (default: the model's); e.g.
+    torch.float16 halves their bytes for a float32 model (values rounded to fp16).
     """
 
     def __init__(self, config: Any, codec: Any = "ecco4", *, key_codec: Any = None,
                  value_codec: Any = None, residual_length: int | None = None,
                  sink_tokens: int | None = None,
                  layers: Mapping[int, Any] | Callable[[int], Any] | None = None,
-                 sliding: str = "native", fused: bool = True) -> None:
+                 sliding: str = "native", fused: bool = True,
+                 exact_dtype: torch.dtype | None = None) -> None:
         if config is None:
             raise ValueError("EccoCache needs the model config (model.config)")
         residual = DEFAULT_RESIDUAL if residual_length is None else residual_length
@@ -421,7 +431,8 @@ class EccoCache(Cache):
         built: list[CacheLayerMixin] = []
         for ltype, kw, spec in zip(layer_types, layer_kwargs, specs, strict=True):
             if ltype in ours:
-                built.append(EccoLayer(spec, residual, sink, attn_config=text))
+                built.append(EccoLayer(spec, residual, sink, attn_config=text,
+                                       exact_dtype=exact_dtype))
             elif ltype in DYNAMIC_LAYER_TYPE_MAPPING:
                 built.append(DYNAMIC_LAYER_TYPE_MAPPING[ltype](**kw))
             else:
