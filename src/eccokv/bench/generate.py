@@ -27,9 +27,10 @@ KINDS = {
     "dynamic": {"cache": "DynamicCache"},
     "ecco4": {"cache": "EccoCache", "codec": "ecco4", "fused": True},
     "ecco4-decode": {"cache": "EccoCache", "codec": "ecco4", "fused": False},
+    "ecco4-w16": {"cache": "EccoCache", "codec": "ecco4", "fused": True, "exact_dtype": "float16"},
     "kivi4": {"cache": "EccoCache", "codec": "kivi4", "fused": True},
 }
-DEFAULT_KINDS = ("dynamic", "ecco4", "ecco4-decode")
+DEFAULT_KINDS = ("dynamic", "ecco4", "ecco4-w16", "ecco4-decode")
 
 
 def _rss_now() -> int:
@@ -59,7 +60,9 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int) -> d
         model.config._attn_implementation = "sdpa"
         cache = DynamicCache(config=model.config)
     else:
-        cache = EccoCache(model.config, spec["codec"], fused=spec["fused"])
+        xd = spec.get("exact_dtype")
+        cache = EccoCache(model.config, spec["codec"], fused=spec["fused"],
+                          exact_dtype=None if xd is None else getattr(torch, xd))
         if not spec["fused"]:
             model.config._attn_implementation = "sdpa"
 
@@ -177,8 +180,10 @@ def to_markdown(res: dict[str, Any]) -> str:
             "",
             "KV bytes count everything EccoCache holds: compressed chunks, their metadata, "
             "the exact sink (4 tokens) and window (128-255 tokens) in the model's dtype "
-            "(float32 here, so the window costs 32 bits/value); 'fp16' is the same tokens "
-            "at 2 bytes per value. DynamicCache holds float32.",
+            "(float32 here, so the window costs 32 bits/value; `ecco4-w16` stores them in "
+            "float16: `exact_dtype=torch.float16`); 'fp16' is the same tokens at 2 bytes "
+            "per value. DynamicCache holds float32. `ecco4-decode` decodes the compressed "
+            "cache for every step instead of fused attention.",
         ]
     return "\n".join(lines) + "\n"
 
