@@ -43,7 +43,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-KIND_ECCO, KIND_INT_TOKENS, KIND_INT_CHANNELS = 0, 1, 2
+KIND_ECCO, KIND_INT_TOKENS, KIND_INT_CHANNELS = 0, 1, 2  # kernel stream kinds
 _EXACT_SPAN = 64  # tokens per work item of the exact tail
 _INT_CH_SPAN = 64  # tokens per work item of an int chunk grouped over channels
 _V_SPAN = 256  # tokens per V work item of an int chunk grouped over channels
@@ -458,6 +458,14 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
     num_threads: numba threads for this call (default: min of numba's and torch's).
     Raises TypeError/ValueError for bad inputs, CodecError for corrupt or mismatched
     chunks, FusedAttentionUnsupported for a codec/axis without a fused kernel.
+
+    Every chunk is validated by its codec (`check_compatible`, `validate`) before any
+    kernel runs; an Ecco block whose code stream overruns is detected by the kernel (as
+    by the decoder) and raises CodecError. Exact tails are used as given (not scanned for
+    NaN). Queries are processed in tiles of up to 32 (at most 128 rows n_rep * queries);
+    each compressed block is decoded once per tile. Two parallel launches per tile; on a
+    machine shared with other busy processes, OMP_WAIT_POLICY=passive avoids multi-ms
+    stalls of numba's OpenMP workers (measured here: 2 threads 44.8 ms -> 23.4 ms).
     """
     from eccokv.kernels import attention_numba as kn
 

@@ -22,6 +22,14 @@ float32 tail ``[Hkv, Te, D]``. Chunk c is row c of the int64 table ``ch``:
   token): addr0 = packed codes (uint8, n0 bytes), addr1 / addr2 = scale / zero
   (n1 entries, float32 if flag == 1 else float16 bits).
 
+Work split (numba prange; no two items write the same output): `k_phase` runs items
+(chunk, KV head, token range) -- for Ecco up to 8 groups of 128 tokens, each channel
+quad's blocks read in order -- then one softmax per (head, row). `v_phase` runs items
+(KV head, slab of dw channels) over all chunks, or for int chunks grouped over channels
+token ranges with per-item partial sums and a reduction. Hot loops index views from 0
+(numba then drops its negative-index checks and vectorises; signed offsets ran ~5x
+slower here).
+
 The chunks' arrays are reached through their addresses so that a whole stream is one
 kernel launch; the Python caller (`eccokv.kernels.attention`) validates every array
 (names, dtypes, sizes, contiguity) and keeps them alive for the call. numba does not
