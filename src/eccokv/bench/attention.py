@@ -233,6 +233,9 @@ def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1,
     if chunk <= 0 or chunk % 128 or residual < 0 or repeats < 1:
         raise ValueError("chunk must be a positive multiple of 128, residual >= 0, repeats >= 1")
     env = environment()
+    command = command or "eccokv bench attention"
+    if env["OMP_WAIT_POLICY"] and "OMP_WAIT_POLICY" not in command:
+        command = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} {command}"
     t_start = time.perf_counter()
     bw = {th: read_bandwidth(th) for th in threads}
     env["numba_threading_layer"] = numba.threading_layer()
@@ -245,7 +248,7 @@ def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1,
     env["load_average_end"] = list(os.getloadavg())
     result = {
         "benchmark": "attention",
-        "command": command or "eccokv bench attention",
+        "command": command,
         "what": "one decode step (1 query token, batch 1) of one attention layer; median of "
                 f"{repeats} calls after 2 warm-up calls, paths interleaved round-robin",
         "data": "synthetic K/V: Gaussian with per-channel log-normal scales, channel offsets "
@@ -304,6 +307,29 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", "Fused ecco4 equals decode-then-SDPA to max relative difference "
               + f"{max(r['fused_ecco4_vs_decode_sdpa_max_rel_diff'] for r in result['rows']):.2g}"
               + " (all rows).", ""]
+    load = max(env["load_average_start"][0], env.get("load_average_end", [0])[0])
+    if load > env["logical_cpus"]:
+        lines += [f"Note: the machine was shared (load average up to {load:.1f} on "
+                  f"{env['logical_cpus']} CPUs), so a second thread mostly waited for a CPU: "
+                  "compare paths within a row, not 1 against 2 threads.", ""]
+    long = [r for r in result["rows"] if r["context"] >= 4096]
+    if long:
+        a = [r["fused_ecco4_over_fastest_torch"] for r in long]
+        b = [r["decode_sdpa_over_fused_ecco4"] for r in long]
+        lines += [
+            "## Targets (contexts >= 4096, every shape and thread count of this run)",
+            "",
+            f"- fused ecco4 / fastest uncompressed torch path: {min(a):.2f} .. {max(a):.2f} "
+            f"(target <= 1.5: {'met' if max(a) <= 1.5 else 'missed'}"
+            + ("" if max(a) <= 1.5 else f", by {min(a) / 1.5:.1f}x .. {max(a) / 1.5:.1f}x")
+            + ")",
+            f"- decode-then-SDPA / fused ecco4: {min(b):.2f} .. {max(b):.2f} (target >= 2: "
+            f"{'met' if min(b) >= 2 else 'missed'})",
+            "- fused ecco4 throughput: " + ", ".join(
+                f"{r['shape']} {r['context']} {r['threads']}t "
+                f"{r['fused_ecco4_Gvalues_per_s']:.2f}" for r in long) + " G values/s",
+            "",
+        ]
     return "\n".join(lines)
 
 
