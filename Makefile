@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.eccokv-setup-stamp
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench eval clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ lint: setup
 
 bench: setup
 	$(BIN)/eccokv bench codec
+
+# Quality of the codecs on SmolLM2 (-> benchmarks/{quality,needle,agree,memory}.*); the eval
+# extra brings matplotlib and optimum-quanto (backend of transformers' QuantizedCache).
+# Passive OpenMP waits and numba's workqueue layer: on a busy (oversubscribed) machine,
+# spinning OpenMP threads made every forward and decode 3-5x slower.
+EVAL_ENV := OMP_WAIT_POLICY=PASSIVE NUMBA_THREADING_LAYER=workqueue
+eval: setup
+	$(EVAL_ENV) $(BIN)/eccokv eval ppl
+	$(EVAL_ENV) $(BIN)/eccokv eval needle
+	$(EVAL_ENV) $(BIN)/eccokv eval agree
+	$(EVAL_ENV) $(BIN)/eccokv eval memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

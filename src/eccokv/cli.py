@@ -1,4 +1,4 @@
-"""Command-line interface: `eccokv {codecs,calibrate,bench,demo}`.
+"""Command-line interface: `eccokv {codecs,calibrate,bench,demo,eval}`.
 
 Every subcommand that reports numbers takes `--json` (machine-readable output on stdout).
 """
@@ -108,6 +108,123 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ eval (quality of codecs)
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _eval_done(res: dict, stem: str, out_dir: str | None, json_out: bool, md: Any) -> int:
+    if json_out:
+        _print_json(res)
+    else:
+        print(md(res))
+        if out_dir:
+            print(f"wrote {out_dir}/{stem}.json and {out_dir}/{stem}.md")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from eccokv.eval import ppl
+
+    res = ppl.run(model_name=args.model, corpus=args.corpus, codecs=_csv(args.codecs),
+                  context=args.context, score=args.score, windows=args.windows,
+                  residuals=[int(r) for r in _csv(args.residual)], seed=args.seed,
+                  prefill=args.prefill, out_dir=args.out_dir or None,
+                  show_progress=not args.no_progress, command=_command_line())
+    return _eval_done(res, "quality", args.out_dir, args.json, ppl.to_markdown)
+
+
+def cmd_eval_needle(args: argparse.Namespace) -> int:
+    from eccokv.eval import needle
+
+    res = needle.run(model_name=args.model, codecs=_csv(args.codecs),
+                     contexts=[int(c) for c in _csv(args.contexts)],
+                     depths=[float(d) for d in _csv(args.depths)], residual=args.residual,
+                     seed=args.seed, chunk=args.chunk, max_new=args.max_new,
+                     prefill=args.prefill, out_dir=args.out_dir or None,
+                     show_progress=not args.no_progress, command=_command_line())
+    return _eval_done(res, "needle", args.out_dir, args.json, needle.to_markdown)
+
+
+def cmd_eval_agree(args: argparse.Namespace) -> int:
+    from eccokv.eval import agree
+
+    res = agree.run(model_name=args.model, codecs=_csv(args.codecs), prompts=args.prompts,
+                    prompt_tokens=args.prompt_tokens, max_new=args.new_tokens,
+                    residual=args.residual, chunk=args.chunk, out_dir=args.out_dir or None,
+                    show_progress=not args.no_progress, command=_command_line())
+    return _eval_done(res, "agree", args.out_dir, args.json, agree.to_markdown)
+
+
+def cmd_eval_memory(args: argparse.Namespace) -> int:
+    from eccokv.eval import memory
+
+    res = memory.run(model_name=args.model, kinds=_csv(args.codecs),
+                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                     chunk=args.chunk, residual=args.residual, out_dir=args.out_dir or None,
+                     show_progress=not args.no_progress, command=_command_line())
+    return _eval_done(res, "memory", args.out_dir, args.json, memory.to_markdown)
+
+
+def _add_eval_parsers(sub: Any) -> None:
+    """`eccokv eval {ppl,needle,agree,memory}` (see eccokv.eval)."""
+    from eccokv.eval import agree, memory, needle, ppl
+
+    e = sub.add_parser("eval", help="quality of KV-cache codecs on a real model").add_subparsers(
+        dest="eval", required=True)
+
+    def common(s: argparse.ArgumentParser, codecs: str, residual: bool = True) -> None:
+        s.add_argument("--model", default="smollm2", help="'smollm2' or a local HF model folder")
+        s.add_argument("--codecs", default=codecs, help="comma-separated caches to compare")
+        if residual:
+            s.add_argument("--residual", type=int, default=128, help="EccoCache exact window")
+        s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
+        s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--json", action="store_true")
+
+    s = e.add_parser("ppl", help="perplexity with a compressed context (-> quality.{json,md,png})")
+    common(s, ",".join(ppl.DEFAULT_CODECS), residual=False)
+    s.add_argument("--corpus", default="wiki", help="wiki or news")
+    s.add_argument("--context", type=int, default=ppl.DEFAULT_CONTEXT,
+                   help="prefilled tokens per window (default: 4 sink tokens + 1024)")
+    s.add_argument("--score", type=int, default=256, help="scored tokens per window")
+    s.add_argument("--windows", type=int, default=ppl.DEFAULT_WINDOWS)
+    s.add_argument("--residual", default=",".join(str(r) for r in ppl.DEFAULT_RESIDUALS),
+                   help="EccoCache exact window(s), comma-separated: one table each")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prefill", default="shared", choices=("shared", "forward"),
+                   help="shared: one exact prefill per window replayed into each cache")
+    s.set_defaults(fn=cmd_eval_ppl)
+
+    s = e.add_parser("needle", help="needle-in-a-haystack retrieval (-> needle.{json,md})")
+    common(s, ",".join(needle.DEFAULT_CODECS))
+    s.add_argument("--contexts", default=",".join(str(c) for c in needle.DEFAULT_CONTEXTS))
+    s.add_argument("--depths", default=",".join(str(d) for d in needle.DEFAULT_DEPTHS))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
+    s.add_argument("--max-new", type=int, default=10)
+    s.add_argument("--prefill", default="shared", choices=("shared", "chunked"))
+    s.set_defaults(fn=cmd_eval_needle)
+
+    s = e.add_parser("agree", help="greedy agreement with the uncompressed cache "
+                                   "(-> agree.{json,md})")
+    common(s, ",".join(agree.DEFAULT_CODECS))
+    s.add_argument("--prompts", type=int, default=agree.DEFAULT_PROMPTS)
+    s.add_argument("--prompt-tokens", type=int, default=2048)
+    s.add_argument("--new-tokens", type=int, default=128)
+    s.add_argument("--chunk", type=int, default=1024)
+    s.set_defaults(fn=cmd_eval_agree)
+
+    s = e.add_parser("memory", help="peak RSS, EccoCache vs DynamicCache (-> memory.{json,md})")
+    common(s, ",".join(memory.DEFAULT_KINDS))
+    s.add_argument("--prompt-tokens", type=int, default=7000)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--chunk", type=int, default=1024)
+    s.set_defaults(fn=cmd_eval_memory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eccokv", description=(
         "Entropy-coded KV-cache compression (Ecco block codec) for transformers models."))
@@ -168,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-tokens", type=int, default=3000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    _add_eval_parsers(sub)
     return p
 
 

@@ -1,0 +1,22 @@
+"""Quality evaluations of KV-cache codecs against baselines (`eccokv eval ...`).
+
+One module per evaluation, each with `run(...) -> dict` (the result, also written as
+JSON + Markdown under `benchmarks/`) and `to_markdown(result) -> str`:
+
+- `ppl`: perplexity with the scored tokens attending to a compressed context, paired
+  over the same windows for every codec, with a bootstrap spread and bits/value;
+  transformers' own `QuantizedCache` (quanto backend) in the same table.
+- `needle`: retrieval of a seeded fact hidden at several depths of long Wikipedia text.
+- `agree`: greedy-generation agreement with the uncompressed cache.
+- `memory`: peak RSS of a long generation, EccoCache vs DynamicCache, each in its own
+  fresh process.
+
+`common` holds what they share: cache construction by name, bits/value accounting, the
+exact-prefill replay, greedy decoding, the bootstrap, provenance and report writing.
+"""
+
+from __future__ import annotations
+
+EVALUATIONS = ("ppl", "needle", "agree", "memory")
+
+__all__ = ["EVALUATIONS"]
