@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cache import FAMILIES, _ids, _steps, tiny
 
 import eccokv.kernels.attention as KA
 from eccokv.hf.cache import EccoCache, EccoLayer
+from test_cache import FAMILIES, _ids, _steps, tiny
 
 
 def _run(model, cfg, ids, mask, fused, name, **kw):

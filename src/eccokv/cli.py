@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -98,11 +99,32 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from eccokv.bench import generate as bg
+
+    res = bg.run(model_name=args.model, prompt_tokens=args.prompt_tokens,
+                 new_tokens=args.new_tokens, kinds=args.kinds.split(","),
+                 repeats=args.repeats, verbose=not args.json)
+    res["command"] = _command_line()
+    md = bg.to_markdown(res)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generate.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "generate.md").write_text(md)
+    if args.json:
+        _print_json(res)
+    else:
+        print(md)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from eccokv.demo import run_demo
 
     res = run_demo(model_name=args.model, codec_names=args.codecs.split(","),
-                   min_tokens=args.min_tokens, verbose=not args.json)
+                   min_tokens=args.min_tokens, verbose=not args.json, qa_codec=args.qa_codec,
+                   max_new_tokens=args.new_tokens)
     if args.json:
         _print_json(res)
     return 0
@@ -279,8 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_attention)
 
-    s = sub.add_parser("demo", help="compress the real KV cache of a Wikipedia article")
+    s = b.add_parser("generate", help="tokens/s and peak RSS of generate() with EccoCache "
+                     "vs DynamicCache (fresh process per run)")
     s.add_argument("--model", default="smollm2")
+    s.add_argument("--prompt-tokens", type=int, default=4096)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--kinds", default=",".join(__import__(
+        "eccokv.bench.generate", fromlist=["x"]).DEFAULT_KINDS))
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--out-dir", default="benchmarks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_generate)
+
+    s = sub.add_parser("demo", help="answer a question about a long article with a "
+                       "compressed KV cache, next to the plain cache; per-codec table")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--qa-codec", default="ecco4", help="codec/preset of the EccoCache run")
+    s.add_argument("--new-tokens", type=int, default=48)
     s.add_argument("--codecs", default="fp8,int4,kivi4,int2,ecco4,ecco3,ecco2")
     s.add_argument("--min-tokens", type=int, default=3000)
     s.add_argument("--json", action="store_true")
