@@ -90,3 +90,31 @@ def test_plain_cache_after_eccocache_still_exact():
     assert cfg._attn_implementation == "eccokv"
     got = _steps(model, DynamicCache(config=cfg), ids, 30)
     assert torch.equal(ref, got)
+
+
+def test_long_steps_decode_once_instead_of_fusing(monkeypatch):
+    model, cfg = tiny("llama", head_dim=32)
+    ids = _ids(1, 240, seed=7)
+    calls = []
+    real = KA.fused_attention
+    monkeypatch.setattr(KA, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = EccoCache(cfg, "ecco4", residual_length=8)
+    with torch.no_grad():
+        model(ids[:, :150], past_key_values=cache)
+        model(ids[:, 150:190], past_key_values=cache)  # 40 new tokens: decoded path
+        assert not calls
+        model(ids[:, 190:191], past_key_values=cache)  # one token: fused
+        assert calls
+
+
+@pytest.mark.parametrize("residual,sink", [(0, 0), (0, 4), (100, 1)])
+def test_fused_equals_decoded_for_residual_and_sink_lengths(residual, sink):
+    model, cfg = tiny("llama", heads=8, kv_heads=2, head_dim=32, layers=1)
+    ids = _ids(3, 170, seed=8)
+    mask = torch.ones_like(ids)
+    mask[2, :20] = 0
+    ref, _ = _run(model, cfg, ids, mask, False, "ecco4", residual_length=residual,
+                  sink_tokens=sink)
+    got, _ = _run(model, cfg, ids, mask, True, "ecco4", residual_length=residual,
+                  sink_tokens=sink)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4

@@ -5,7 +5,8 @@ mask functions and switches the model's config to them, remembering the previous
 implementation. On each step an `EccoLayer` then returns, instead of decoded K/V, the
 step's own K/V tagged with a `FusedStep` (references to the compressed chunks, the exact
 sink and window as they were before the step; a layer with nothing compressed yet, e.g.
-at prefill, returns plain tensors). `eccokv_attention` finds the tag and runs
+at prefill, or a step of more than 32 new tokens, e.g. a chunked prefill, returns plain
+tensors). `eccokv_attention` finds the tag and runs
 `eccokv.kernels.attention.fused_attention` per batch element, so `generate()` never builds
 full K/V tensors. Untagged K/V (a plain cache, a sliding-window layer left to
 transformers) go to the previous implementation unchanged.

@@ -53,6 +53,10 @@ from eccokv.hf.spec import DEFAULT_RESIDUAL, DEFAULT_SINK, LayerSpec, StreamSpec
 # is counted for DynamicCache (Python object headers are not counted for either). The
 # stream's codec config is counted once, as its JSON size.
 CHUNK_META_BYTES = 32
+# Steps with more new tokens (chunked prefill) decode the compressed part once into a
+# temporary and use the model's own attention: the fused kernels decode every block once
+# per tile of 32 queries, so for long steps one decode amortised over all queries is faster.
+FUSED_MAX_QUERIES = 32
 
 
 class _Stream:
@@ -251,7 +255,8 @@ class EccoLayer(CacheLayerMixin):
         if self.seq and key_states.shape[0] != self.k.exact.shape[0]:
             raise ValueError(f"batch size changed from {self.k.exact.shape[0]} to "
                              f"{key_states.shape[0]} without batch_select/repeat")
-        fused = self._fused_on() and bool(self.k.chunks or self.v.chunks)
+        fused = (self._fused_on() and bool(self.k.chunks or self.v.chunks)
+                 and key_states.shape[-2] <= FUSED_MAX_QUERIES)
         step = self._fused_step(key_states, value_states) if fused else None
         if step is not None:
             keys, values = key_states.view_as(key_states), value_states.view_as(value_states)
