@@ -42,18 +42,13 @@ QUESTIONS = {
 GENERIC_QUESTION = "In two sentences, what is the article above about?"
 
 
-def _kv_bytes(cache: Any) -> int:
-    """Bytes of the K/V tensors a plain DynamicCache holds."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-
 
 def answer_question(model: Any, tok: Any, title: str, text: str, codec: str = "ecco4",
                     max_new_tokens: int = 48, say: Any = print) -> dict[str, Any]:
     """Answer QUESTIONS[title] about `text` with DynamicCache and with EccoCache(codec)."""
     from transformers import DynamicCache
 
-    from eccokv.hf.cache import EccoCache
+    from eccokv.hf.cache import EccoCache, kv_bytes
 
     question = QUESTIONS.get(title, GENERIC_QUESTION)
     msgs = [{"role": "user", "content": f"{text}\n\n{question}"}]
@@ -72,12 +67,10 @@ def answer_question(model: Any, tok: Any, title: str, text: str, codec: str = "e
                                  pad_token_id=tok.eos_token_id)
         dt = time.perf_counter() - t0
         gen = out[0, n:]
-        if name == "plain":
-            held = _kv_bytes(cache)
-            fp16 = held * 2 // next(iter(cache.layers)).keys.element_size()
-        else:
+        kb = kv_bytes(cache)
+        held, fp16 = kb["kv_bytes"], kb["fp16_bytes"]
+        if name != "plain":
             rep = cache.memory_report()
-            held, fp16 = rep["total_bytes"], rep["fp16_bytes"]
         runs[name] = {"answer": tok.decode(gen, skip_special_tokens=True).strip(),
                       "tokens": gen.tolist(), "seconds": dt, "kv_bytes": held,
                       "fp16_bytes": fp16, "new_tokens": int(gen.numel())}

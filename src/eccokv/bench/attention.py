@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +39,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-import eccokv
-from eccokv import codecs
+from eccokv import codecs, provenance
 from eccokv.kernels.attention import fused_attention, reference_attention
 
 SHAPES: dict[str, tuple[int, int, int]] = {  # name -> (kv heads, head_dim, query heads)
@@ -194,32 +192,12 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
 
 
 def environment() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import psutil
-
-    return {
-        "cpu": cpu,
-        "logical_cpus": psutil.cpu_count(logical=True),
-        "load_average_start": list(os.getloadavg()),
-        "eccokv": eccokv.__version__,
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "numba_threading_layer": None,
-        "numba_max_threads": numba.config.NUMBA_NUM_THREADS,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    """Shared provenance plus what this benchmark reports on: load and thread settings."""
+    env = provenance.environment()
+    env.update(load_average_start=list(os.getloadavg()), numba_threading_layer=None,
+               numba_max_threads=numba.config.NUMBA_NUM_THREADS,
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY"))
+    return env
 
 
 def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1, 2),
@@ -274,11 +252,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         "# Decode-step attention over a compressed KV cache",
         "",
         f"Command: `{result['command']}`  ",
-        f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs), threading layer "
+        f"CPU: {env['cpu']} ({env['cpu_count']} logical CPUs), threading layer "
         f"{env['numba_threading_layer']}, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, load "
         f"average {env['load_average_start'][0]:.1f} at start / "
         f"{env.get('load_average_end', [0])[0]:.1f} at end (machine shared)  ",
-        f"Versions: torch {env['torch']}, numba {env['numba']}, numpy {env['numpy']}, "
+        f"Versions: torch {env['packages']['torch']}, numba {env['packages']['numba']}, "
+        f"numpy {env['packages']['numpy']}, "
         f"python {env['python']}  ",
         f"What: {result['what']}; {result['data']}; cache = chunks of "
         f"{result['cache_layout']['chunk_tokens']} tokens + "
@@ -308,9 +287,9 @@ def to_markdown(result: dict[str, Any]) -> str:
               + f"{max(r['fused_ecco4_vs_decode_sdpa_max_rel_diff'] for r in result['rows']):.2g}"
               + " (all rows).", ""]
     load = max(env["load_average_start"][0], env.get("load_average_end", [0])[0])
-    if load > env["logical_cpus"]:
+    if load > env["cpu_count"]:
         lines += [f"Note: the machine was shared (load average up to {load:.1f} on "
-                  f"{env['logical_cpus']} CPUs), so a second thread mostly waited for a CPU: "
+                  f"{env['cpu_count']} CPUs), so a second thread mostly waited for a CPU: "
                   "compare paths within a row, not 1 against 2 threads.", ""]
     long = [r for r in result["rows"] if r["context"] >= 4096]
     if long:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,8 +24,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-import eccokv
-from eccokv import codecs
+from eccokv import codecs, provenance
 
 DEFAULT_CODECS = ("none", "fp8", "int4", "int3", "int2", "kivi4", "kivi3", "kivi2", "ecco4",
                   "ecco3", "ecco2")
@@ -197,18 +194,8 @@ def run(model_name: str = "smollm2", tokens: int = 2048,
 
 
 def environment() -> dict[str, Any]:
-    import psutil
-
-    return {
-        "eccokv": eccokv.__version__,
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": psutil.cpu_count(logical=True),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    """Provenance of a benchmark result (see `eccokv.provenance`)."""
+    return provenance.environment()
 
 
 def best_axis(rows: list[dict[str, Any]], data: str, codec: str) -> dict[str, Any]:

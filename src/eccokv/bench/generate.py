@@ -49,7 +49,7 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int) -> d
     from transformers.generation.streamers import BaseStreamer
 
     from eccokv import data, models
-    from eccokv.hf.cache import EccoCache
+    from eccokv.hf.cache import EccoCache, kv_bytes
 
     spec = KINDS[kind]
     model, tok = models.load(model_name)
@@ -85,13 +85,8 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int) -> d
                              pad_token_id=tok.eos_token_id)
     total = time.perf_counter() - t0
     gen = clock.t[1:]  # the first put() is the prompt
-    if isinstance(cache, EccoCache):
-        rep = cache.memory_report()
-        kv, fp16 = rep["total_bytes"], rep["fp16_bytes"]
-    else:
-        kv = sum(t.numel() * t.element_size() for layer in cache.layers
-                 for t in (layer.keys, layer.values))
-        fp16 = sum(2 * t.numel() for layer in cache.layers for t in (layer.keys, layer.values))
+    kb = kv_bytes(cache)
+    kv, fp16 = kb["kv_bytes"], kb["fp16_bytes"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "kind": kind, "spec": spec, "article": title, "prompt_tokens": int(ids.shape[1]),
@@ -107,7 +102,7 @@ def run(model_name: str = "smollm2", prompt_tokens: int = 4096, new_tokens: int 
         kinds: Sequence[str] = DEFAULT_KINDS, repeats: int = 2,
         verbose: bool = True) -> dict[str, Any]:
     """Alternate fresh-process runs of every kind `repeats` times; medians per kind."""
-    from eccokv.eval.common import environment
+    from eccokv.provenance import environment
 
     for k in kinds:
         if k not in KINDS:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from eccokv.eval import common as E
+from eccokv.hf.cache import kv_bytes
 
 DEFAULT_KINDS = ("dynamic", "ecco4", "ecco4+fused")  # +fused: EccoCache's default attention
 
@@ -56,20 +57,6 @@ def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
 
-
-def kv_bytes(cache: Any) -> dict[str, int]:
-    """Bytes held by a cache's K/V and the same tokens in fp16."""
-    from eccokv.hf.cache import EccoCache
-
-    if isinstance(cache, EccoCache):
-        rep = cache.memory_report()
-        return {"kv_bytes": int(rep["total_bytes"]), "fp16_bytes": int(rep["fp16_bytes"])}
-    held = n = 0
-    for lay in cache.layers:
-        for t in (lay.keys, lay.values):
-            held += t.numel() * t.element_size()
-            n += t.numel()
-    return {"kv_bytes": held, "fp16_bytes": 2 * n}
 
 
 def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int, chunk: int,

@@ -474,3 +474,18 @@ class EccoCache(Cache):
         return {"total_bytes": total, "fp16_bytes": fp16,
                 "bits_per_value": 16.0 * total / fp16 if fp16 else 0.0,
                 "ratio_vs_fp16": total / fp16 if fp16 else 0.0, "layers": per}
+
+
+def kv_bytes(cache: Cache) -> dict[str, int]:
+    """{"kv_bytes": bytes a cache holds for K/V, "fp16_bytes": the same tokens in fp16}:
+    EccoCache through `memory_report()`, any other cache from its layers' tensors."""
+    if isinstance(cache, EccoCache):
+        rep = cache.memory_report()
+        return {"kv_bytes": int(rep["total_bytes"]), "fp16_bytes": int(rep["fp16_bytes"])}
+    held = n = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                held += t.numel() * t.element_size()
+                n += t.numel()
+    return {"kv_bytes": held, "fp16_bytes": 2 * n}
