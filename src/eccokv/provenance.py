@@ -1,5 +1,6 @@
 """Provenance of a result file: package versions, machine, thread settings, source
-digests and the date. Shared by `eccokv.bench` and `eccokv.eval`."""
+digests (one per file and one combined, `source_digest`) and the date. Shared by
+`eccokv.bench` and `eccokv.eval`; Markdown reports print `header_line(env)`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    digests = source_digests()
     return {
         "packages": package_versions(),
         "python": sys.version.split()[0],
@@ -62,18 +64,55 @@ def environment() -> dict[str, Any]:
                                             "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
                 if k in os.environ},
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "sources": source_digests(),
+        "sources": digests,
+        "source_digest": combined_digest(digests),
     }
 
 
-def source_digests() -> dict[str, str]:
-    """sha256 (16 hex) of eccokv's cache, kernel and codec sources as they are now on disk
-    (identifies the code of a run even in an uncommitted work tree)."""
+# What the digests cover: every module and subpackage of eccokv (kernels, codecs, entropy,
+# hf, eval, bench, the top-level modules) and the package data that changes results (the
+# Ecco profiles). Found by walking the package, so a new subpackage is covered by default.
+_DATA_SUFFIXES = (".ecprof",)
+
+
+def source_files() -> list[Path]:
+    """eccokv's files whose content affects results: every .py file of the package and its
+    data files (profiles), sorted by their path inside the package."""
     import eccokv
 
     root = Path(eccokv.__file__).parent
-    out = {}
-    for sub in ("hf", "kernels", "codecs", "eval"):
-        for f in sorted((root / sub).glob("*.py")):
-            out[f"{sub}/{f.name}"] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-    return out
+    files = [f for f in root.rglob("*")
+             if f.is_file() and "__pycache__" not in f.parts
+             and (f.suffix == ".py" or f.suffix in _DATA_SUFFIXES)]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def source_digests() -> dict[str, str]:
+    """sha256 (16 hex) of each of `source_files()` as it is now on disk, by its path inside
+    the package (identifies the code of a run even in an uncommitted work tree)."""
+    import eccokv
+
+    root = Path(eccokv.__file__).parent
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+            for f in source_files()}
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One sha256 (16 hex) over a `source_digests()` dict: names and digests, sorted."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def source_digest() -> str:
+    """The combined digest of all of eccokv's sources now on disk (`combined_digest`)."""
+    return combined_digest(source_digests())
+
+
+def header_line(env: dict[str, Any]) -> str:
+    """Markdown header line naming the code of a result: its combined source digest (and
+    the file count) from an `environment()` dict."""
+    n = len(env.get("sources", {}))
+    return (f"Source digest: `{env.get('source_digest', 'unknown')}` (sha256 of {n} eccokv "
+            "source files, `provenance.source_digests()`)  ")
