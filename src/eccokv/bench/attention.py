@@ -13,7 +13,14 @@ calls after warm-up of:
   (`reference_attention(..., sdpa=True)`);
 * torch SDPA over the uncompressed cache in float32 and in bfloat16, and matmul-softmax-
   matmul in bfloat16 (eager attention). The query heads of a KV head are folded into one
-  [n_rep, D] query block (no repeat_kv copy): the fastest way to run these in torch.
+  [n_rep, D] query block (no repeat_kv copy): the fastest way to run these in torch;
+* transformers' `QuantizedCache` (optimum-quanto int4, its defaults: groups of 64, axis 0,
+  residual 128) through its own code path: `QuantoQuantizedLayer.update()` with the one new
+  token (dequantise the quantised part, concatenate it with the float32 residual and the
+  new token) then SDPA as above. The layer holds the same K/V: T - 64 tokens quantised, 63
+  in its residual (half its window, the mean fill over a cycle). Every 128 steps it
+  re-quantises the whole history (`quanto_int4_flush`, timed too); `quanto_int4` is the
+  step plus 1/128 of that flush: what a user pays per layer and step on average.
 
 The cache layout is what `EccoCache` keeps: compressed chunks of `chunk` tokens (whole
 128-token groups) and an exact window of `residual` tokens. K/V are synthetic (Gaussian
@@ -53,6 +60,11 @@ FUSED: tuple[tuple[str, int, int], ...] = (  # codec, K axis, V axis of [Hkv, T,
     ("kivi2", 1, 2),
 )
 TORCH_PATHS = ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
+QUANTO = {"nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64,
+          "residual_length": 128}  # transformers' QuantizedCache defaults (quanto backend)
+QUANTO_FILL = 63  # tokens in the QuantizedCache residual before the timed step
+# targets (issue #7): fused path / fastest uncompressed torch path, contexts >= 4096
+TARGETS = {"fused_ecco4": (1.5, 1.0), "fused_int4": (0.8, None), "fused_kivi4": (0.8, None)}
 DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768)
 
 
@@ -105,6 +117,55 @@ def split_cache(x: torch.Tensor, codec: codecs.Codec, axis: int, chunk: int,
     return chunks, x[:, tc:].contiguous()
 
 
+def quanto_layer(K: torch.Tensor, V: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A transformers `QuantoQuantizedLayer` (QuantizedCache's layer, quanto int4) holding
+    K, V [hkv, T, d] but the last token, filled as a generate() would fill it: a prefill
+    of T - 1 - QUANTO_FILL tokens (quantised at once), then QUANTO_FILL one-token steps
+    into its residual. Returns it and the last token's K, V [1, hkv, 1, d] for the step."""
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    T = K.shape[1]
+    if T < QUANTO_FILL + 2:
+        raise ValueError(f"context {T} too short for the QuantizedCache path")
+    K4, V4 = K[None], V[None]
+    layer = QuantoQuantizedLayer(**QUANTO)
+    n0 = T - 1 - QUANTO_FILL
+    layer.update(K4[:, :, :n0], V4[:, :, :n0])
+    for i in range(n0, T - 1):
+        layer.update(K4[:, :, i:i + 1], V4[:, :, i:i + 1])
+    return layer, K4[:, :, T - 1:].contiguous(), V4[:, :, T - 1:].contiguous()
+
+
+def quanto_step(layer: Any, k: torch.Tensor, v: torch.Tensor, q4: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """One decode step over a QuantizedCache layer: its `update()` with one new token
+    (dequantise, concatenate), then SDPA; the layer's state is put back afterwards so the
+    next call sees the same cache."""
+    keys, values, n = layer.keys, layer.values, layer.cumulative_length
+    kk, vv = layer.update(k, v)
+    out = torch.nn.functional.scaled_dot_product_attention(q4, kk, vv, scale=scale)
+    layer.keys, layer.values, layer.cumulative_length = keys, values, n
+    return out
+
+
+def quanto_flush(layer: Any, K4: torch.Tensor, V4: torch.Tensor) -> None:
+    """What a QuantizedCache layer does every `residual_length` steps: re-quantise the
+    whole history, K and V (the concatenation is already part of every step)."""
+    layer._quantize(K4.contiguous(), axis=layer.axis_key)
+    layer._quantize(V4.contiguous(), axis=layer.axis_value)
+
+
+def quanto_nbytes(layer: Any) -> int:
+    """Bytes of a quanto layer's quantised K and V: their inner tensors (codes, scales,
+    shifts)."""
+    def inner(t: Any) -> int:
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            return sum(inner(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    return inner(layer._quantized_keys) + inner(layer._quantized_values)
+
+
 def _median_times(fns: dict[str, Callable[[], Any]], repeats: int,
                   warmup: int = 2) -> dict[str, float]:
     for _ in range(warmup):
@@ -134,6 +195,7 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
         vc, ve = split_cache(V, codec, vax, chunk, residual)
         caches[name] = (kc, ke, vc, ve)
     Kb, Vb = K.to(torch.bfloat16), V.to(torch.bfloat16)
+    qlayer, k_new, v_new = quanto_layer(K, V)
     q4, q4b = q.reshape(1, hkv, n_rep, d), q.reshape(1, hkv, n_rep, d).to(torch.bfloat16)
     K4, V4, K4b, V4b = K[None], V[None], Kb[None], Vb[None]
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -160,10 +222,16 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
         fns["sdpa_fp32"] = lambda: sdpa(q4, K4, V4, scale=scale)
         fns["sdpa_bf16"] = lambda: sdpa(q4b, K4b, V4b, scale=scale)
         fns["eager_bf16"] = eager_bf16
+        fns["quanto_int4_step"] = partial(quanto_step, qlayer, k_new, v_new, q4, scale)
+        fns["quanto_int4_flush"] = partial(quanto_flush, qlayer, K4, V4)
         # sanity: the fused path equals decode-then-SDPA
         ref = fns["decode_sdpa_ecco4"]()
         diff = float((fns["fused_ecco4"]() - ref).abs().max() / ref.abs().max())
+        exact = fns["sdpa_fp32"]()
+        q_err = float((fns["quanto_int4_step"]() - exact).abs().max() / exact.abs().max())
         t = _median_times(fns, repeats)
+        t["quanto_int4"] = (t["quanto_int4_step"]
+                            + t["quanto_int4_flush"] / QUANTO["residual_length"])
         # bytes each path must move (reads; decode-then-SDPA also writes and re-reads the
         # float32 copy); the exact window is float32 in the compressed caches
         nbytes: dict[str, int] = {}
@@ -173,6 +241,11 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
         nbytes["decode_sdpa_ecco4"] = (payload(e_kc) + payload(e_vc) + 2 * 4 * 2 * K.numel())
         nbytes["sdpa_fp32"] = 4 * 2 * K.numel()
         nbytes["sdpa_bf16"] = nbytes["eager_bf16"] = 2 * 2 * K.numel()
+        # QuantizedCache: its quantised storage and float32 residual read, the float32
+        # dequantised copy written and read by the concatenation, whose output is written
+        # and read by SDPA
+        nbytes["quanto_int4"] = (quanto_nbytes(qlayer) + 4 * 2 * qlayer.keys.numel()
+                                 + 4 * 4 * 2 * K.numel())
         fastest_torch = min(TORCH_PATHS, key=lambda k: t[k])
         row: dict[str, Any] = {
             "shape": shape, "kv_heads": hkv, "head_dim": d, "q_heads": hq, "context": T,
@@ -183,6 +256,11 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
             "floor_ms": {k: 1e3 * v / (bandwidth[th] * 1e9) for k, v in nbytes.items()},
             "fastest_torch": fastest_torch,
             "fused_ecco4_over_fastest_torch": t["fused_ecco4"] / t[fastest_torch],
+            "fused_int4_over_fastest_torch": t["fused_int4"] / t[fastest_torch],
+            "fused_kivi4_over_fastest_torch": t["fused_kivi4"] / t[fastest_torch],
+            "fused_ecco4_over_quanto_int4": t["fused_ecco4"] / t["quanto_int4"],
+            "fused_kivi4_over_quanto_int4": t["fused_kivi4"] / t["quanto_int4"],
+            "quanto_int4_vs_sdpa_fp32_max_rel_diff": q_err,
             "decode_sdpa_over_fused_ecco4": t["decode_sdpa_ecco4"] / t["fused_ecco4"],
             "fused_ecco4_vs_decode_sdpa_max_rel_diff": diff,
             "fused_ecco4_Gvalues_per_s": 2 * K.numel() / t["fused_ecco4"] / 1e9,
@@ -232,6 +310,8 @@ def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1,
         "data": "synthetic K/V: Gaussian with per-channel log-normal scales, channel offsets "
                 "and outlier channels (x6 every 16th channel)",
         "cache_layout": {"chunk_tokens": chunk, "exact_window_tokens": residual},
+        "quantized_cache": {"backend": "quanto", **QUANTO, "residual_tokens_held": QUANTO_FILL,
+                            "dtype": "float32"},
         "environment": env,
         "read_bandwidth_GBps": {str(k): v for k, v in bw.items()},
         "seconds": time.perf_counter() - t_start,
@@ -243,10 +323,58 @@ def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1,
 
 
 PATH_ORDER = ("fused_ecco4", "fused_int4", "fused_kivi4", "fused_kivi2", "decode_sdpa_ecco4",
-              "sdpa_fp32", "sdpa_bf16", "eager_bf16")
+              "quanto_int4", "sdpa_fp32", "sdpa_bf16", "eager_bf16")
+
+
+def ratio_range(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
+    """(min, max) of a ratio field over rows."""
+    v = [r[key] for r in rows]
+    return min(v), max(v)
+
+
+def target_text(lo: float, hi: float, target: float, goal: float | None = None,
+                at_least: bool = False) -> str:
+    """'a .. b (target <= t: met|missed[, by x .. y]; goal <= g: met|missed)' for a ratio
+    range; `at_least` for targets that are lower bounds."""
+    op = ">=" if at_least else "<="
+    worst = lo if at_least else hi
+
+    def ok(limit: float) -> bool:
+        return worst >= limit if at_least else worst <= limit
+
+    text = f"{lo:.2f} .. {hi:.2f} (target {op} {target:g}: {'met' if ok(target) else 'missed'}"
+    if not ok(target):
+        text += (f", by {target / hi:.1f}x .. {target / lo:.1f}x" if at_least
+                 else f", by {lo / target:.1f}x .. {hi / target:.1f}x")
+    if goal is not None:
+        text += f"; goal {op} {goal:g}: {'met' if ok(goal) else 'missed'}"
+    return text + ")"
+
+
+def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The targets section: ratios over the rows with contexts >= 4096."""
+    long = [r for r in rows if r["context"] >= 4096]
+    if not long:
+        return []
+    lines = ["## Targets (contexts >= 4096, every shape and thread count of this run)", ""]
+    for path, (target, goal) in TARGETS.items():
+        lo, hi = ratio_range(long, f"{path}_over_fastest_torch")
+        lines.append(f"- {path.replace('_', ' ')} / fastest uncompressed torch path: "
+                     + target_text(lo, hi, target, goal))
+    lo, hi = ratio_range(long, "decode_sdpa_over_fused_ecco4")
+    lines.append("- decode-then-SDPA / fused ecco4: " + target_text(lo, hi, 2.0, at_least=True))
+    for path in ("fused_ecco4", "fused_kivi4"):
+        lo, hi = ratio_range(long, f"{path}_over_quanto_int4")
+        lines.append(f"- {path.replace('_', ' ')} / transformers QuantizedCache (quanto int4, "
+                     f"step + flush/128): {lo:.2f} .. {hi:.2f} (below 1: faster)")
+    lines += ["- fused ecco4 throughput: " + ", ".join(
+        f"{r['shape']} {r['context']} {r['threads']}t "
+        f"{r['fused_ecco4_Gvalues_per_s']:.2f}" for r in long) + " G values/s", ""]
+    return lines
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    """The Markdown report of a `run()` result."""
     env = result["environment"]
     lines = [
         "# Decode-step attention over a compressed KV cache",
@@ -258,7 +386,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{env.get('load_average_end', [0])[0]:.1f} at end (machine shared)  ",
         f"Versions: torch {env['packages']['torch']}, numba {env['packages']['numba']}, "
         f"numpy {env['packages']['numpy']}, "
-        f"python {env['python']}  ",
+        f"transformers {env['packages'].get('transformers')}, optimum-quanto "
+        f"{env['packages'].get('optimum-quanto')}, python {env['python']}  ",
+        provenance.header_line(env),
         f"What: {result['what']}; {result['data']}; cache = chunks of "
         f"{result['cache_layout']['chunk_tokens']} tokens + "
         f"{result['cache_layout']['exact_window_tokens']}-token exact window.  ",
@@ -266,13 +396,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{k} thread(s) {v:.1f} GB/s" for k, v in result["read_bandwidth_GBps"].items()),
         "",
         "Times in ms. Ratios: fused ecco4 / fastest uncompressed torch path (target <= 1.5, "
-        "goal <= 1.0) and decode-then-SDPA / fused ecco4 (target >= 2). Floor: bytes the "
-        "path must move / read bandwidth.",
+        "goal <= 1.0), fused int4 and kivi4 / fastest torch path (target <= 0.8), fused "
+        "ecco4 / QuantizedCache and decode-then-SDPA / fused ecco4 (target >= 2). "
+        "quanto_int4: transformers' QuantizedCache (optimum-quanto int4) update() + SDPA, plus "
+        "1/128 of its every-128-steps re-quantisation. Floor: bytes the path must move / "
+        "read bandwidth.",
         "",
         "| shape | context | threads | " + " | ".join(PATH_ORDER)
-        + " | fused ecco4 / fastest torch | dec+SDPA / fused ecco4 | floor fused ecco4 | "
-          "floor sdpa fp32 |",
-        "|---|---|---|" + "---|" * len(PATH_ORDER) + "---|---|---|---|",
+        + " | fused ecco4 / fastest torch | fused int4 / fastest torch | fused kivi4 / "
+          "fastest torch | fused ecco4 / quanto int4 | dec+SDPA / fused ecco4 | "
+          "floor fused ecco4 | floor sdpa fp32 |",
+        "|---|---|---|" + "---|" * len(PATH_ORDER) + "---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ms = r["ms"]
@@ -281,38 +415,30 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['shape']} ({r['kv_heads']}x{r['head_dim']}, {r['q_heads']} q) | "
             f"{r['context']} | {r['threads']} | " + " | ".join(cells)
             + f" | {r['fused_ecco4_over_fastest_torch']:.2f} ({r['fastest_torch']}) | "
+              f"{r['fused_int4_over_fastest_torch']:.2f} | "
+              f"{r['fused_kivi4_over_fastest_torch']:.2f} | "
+              f"{r['fused_ecco4_over_quanto_int4']:.2f} | "
               f"{r['decode_sdpa_over_fused_ecco4']:.2f} | {r['floor_ms']['fused_ecco4']:.3f} | "
               f"{r['floor_ms']['sdpa_fp32']:.3f} |")
     lines += ["", "Fused ecco4 equals decode-then-SDPA to max relative difference "
               + f"{max(r['fused_ecco4_vs_decode_sdpa_max_rel_diff'] for r in result['rows']):.2g}"
-              + " (all rows).", ""]
+              + " (all rows); QuantizedCache (int4) differs from exact float32 SDPA by max "
+              + "relative "
+              + f"{max(r['quanto_int4_vs_sdpa_fp32_max_rel_diff'] for r in result['rows']):.2g}."
+              + " QuantizedCache step alone / its flush (ms): " + ", ".join(
+                  f"{r['shape']} {r['context']} {r['threads']}t {r['ms']['quanto_int4_step']:.2f}"
+                  f" / {r['ms']['quanto_int4_flush']:.2f}" for r in result["rows"]), ""]
     load = max(env["load_average_start"][0], env.get("load_average_end", [0])[0])
     if load > env["cpu_count"]:
         lines += [f"Note: the machine was shared (load average up to {load:.1f} on "
                   f"{env['cpu_count']} CPUs), so a second thread mostly waited for a CPU: "
                   "compare paths within a row, not 1 against 2 threads.", ""]
-    long = [r for r in result["rows"] if r["context"] >= 4096]
-    if long:
-        a = [r["fused_ecco4_over_fastest_torch"] for r in long]
-        b = [r["decode_sdpa_over_fused_ecco4"] for r in long]
-        lines += [
-            "## Targets (contexts >= 4096, every shape and thread count of this run)",
-            "",
-            f"- fused ecco4 / fastest uncompressed torch path: {min(a):.2f} .. {max(a):.2f} "
-            f"(target <= 1.5: {'met' if max(a) <= 1.5 else 'missed'}"
-            + ("" if max(a) <= 1.5 else f", by {min(a) / 1.5:.1f}x .. {max(a) / 1.5:.1f}x")
-            + ")",
-            f"- decode-then-SDPA / fused ecco4: {min(b):.2f} .. {max(b):.2f} (target >= 2: "
-            f"{'met' if min(b) >= 2 else 'missed'})",
-            "- fused ecco4 throughput: " + ", ".join(
-                f"{r['shape']} {r['context']} {r['threads']}t "
-                f"{r['fused_ecco4_Gvalues_per_s']:.2f}" for r in long) + " G values/s",
-            "",
-        ]
+    lines += target_lines(result["rows"])
     return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """ms per step against context, one panel per shape and thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +452,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                              squeeze=False)
     styles = {"fused_ecco4": ("C0", "-", "o"), "fused_int4": ("C1", "-", "s"),
               "fused_kivi4": ("C2", "-", "^"), "fused_kivi2": ("C4", "-", "v"),
-              "decode_sdpa_ecco4": ("C3", "--", "x"), "sdpa_fp32": ("k", ":", "D"),
+              "decode_sdpa_ecco4": ("C3", "--", "x"), "quanto_int4": ("C6", "--", "*"),
+              "sdpa_fp32": ("k", ":", "D"),
               "sdpa_bf16": ("0.45", ":", "d"), "eager_bf16": ("C5", ":", "P")}
     for i, th in enumerate(threads):
         for j, sh in enumerate(shapes):
@@ -358,6 +485,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_reports(result: dict[str, Any], out_dir: Path) -> None:
+    """attention.json, attention.md and attention.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "attention.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (out_dir / "attention.md").write_text(to_markdown(result))
