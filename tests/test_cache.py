@@ -21,6 +21,8 @@ import eccokv.codecs as C
 from eccokv.hf.cache import EccoCache, EccoLayer
 from eccokv.hf.spec import layer_spec
 
+F32 = torch.float32  # exact sink and window unrounded (the default is 16 bits)
+
 V = 128
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -74,7 +76,7 @@ def test_none_codec_logits_equal_dynamic_cache(family):
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding in the second row
     ref = _steps(model, DynamicCache(config=cfg), ids, 140, mask)
-    cache = EccoCache(cfg, "none", residual_length=8)
+    cache = EccoCache(cfg, "none", residual_length=8, exact_dtype=F32)
     got = _steps(model, cache, ids, 140, mask)
     assert torch.equal(ref, got)
     # everything older than the window really went through the codec
@@ -89,7 +91,7 @@ def test_generate_greedy_and_beam_equal_dynamic_cache(family):
     for kw in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
         a = model.generate(ids, max_new_tokens=12, past_key_values=DynamicCache(config=cfg),
                            pad_token_id=0, **kw)
-        cache = EccoCache(cfg, "none", residual_length=5)
+        cache = EccoCache(cfg, "none", residual_length=5, exact_dtype=F32)
         b = model.generate(ids, max_new_tokens=12, past_key_values=cache, pad_token_id=0, **kw)
         assert torch.equal(a, b), kw
 
@@ -100,7 +102,7 @@ def test_sliding_layers_native_and_compressed():
     assert kinds == ["DynamicSlidingWindowLayer", "EccoLayer"] * 2
     ids = _ids(1, 60, seed=2)
     ref = _steps(model, DynamicCache(config=cfg), ids, 40)
-    cache = EccoCache(cfg, "none", sliding="compress", residual_length=4)
+    cache = EccoCache(cfg, "none", sliding="compress", residual_length=4, exact_dtype=F32)
     assert all(isinstance(x, EccoLayer) for x in cache.layers)
     got = _steps(model, cache, ids, 40)
     # the masked-out history changes only the summation order
@@ -114,7 +116,7 @@ def test_sliding_layers_native_and_compressed():
 def test_crop_select_repeat_like_dynamic_cache():
     model, cfg = tiny("llama")
     ids = _ids(3, 90, seed=3)
-    caches = [DynamicCache(config=cfg), EccoCache(cfg, "none", residual_length=6)]
+    caches = [DynamicCache(config=cfg), EccoCache(cfg, "none", residual_length=6, exact_dtype=F32)]
     outs = []
     with torch.no_grad():
         for c in caches:
@@ -195,7 +197,7 @@ def _gran(layer, head_dim):
 @pytest.mark.parametrize("name", ["ecco4", "ecco2", "kivi2", "int4", "fp8"])
 @pytest.mark.parametrize("sink", [0, 3])
 def test_attention_inputs_are_decode_of_encode(name, sink):
-    layer = EccoLayer(layer_spec(name), residual_length=20, sink_tokens=sink)
+    layer = EccoLayer(layer_spec(name), residual_length=20, sink_tokens=sink, exact_dtype=F32)
     steps = [150, 1, 1, 100, 3, 140, 1]
     K, Vv, outs = _run_layer(layer, steps)
     for stream, X, idx in ((layer.k, K, 0), (layer.v, Vv, 1)):
@@ -211,7 +213,8 @@ def test_model_attention_inputs_are_decode_of_encode(family, name):
     """On each model family, every layer's attention inputs (what `update` returns on the
     decoding path) are the recorded K/V of that layer through the codec, chunk by chunk."""
     model, cfg = tiny(family)
-    cache = EccoCache(cfg, name, residual_length=8, sink_tokens=2, fused=False)
+    cache = EccoCache(cfg, name, residual_length=8, sink_tokens=2, fused=False,
+                      exact_dtype=F32)
     cfg._attn_implementation = "sdpa"
     rec: dict[int, list] = {}
     for i, layer in enumerate(cache.layers):
@@ -286,7 +289,7 @@ def test_memory_report_counts_every_byte():
     lay = r["layers"][0]
     k = lay["key"]
     assert k["compressed_tokens"] == 256 and k["exact_tokens"] == 44
-    assert k["exact_bytes"] == 2 * 44 * 16 * 4  # float32 model
+    assert k["exact_bytes"] == 2 * 44 * 16 * 2  # float32 model: 16 bits by default
     # ecco4: 64 bytes per 128 values + the chunk's tscale and 8-byte stream pad
     values = 2 * 256 * 16
     assert k["compressed_bytes"] == values // 2 + 4 + 8
@@ -336,7 +339,7 @@ def test_nan_in_kv_is_reported():
 
 
 def test_sink_tokens_stay_exact():
-    layer = EccoLayer(layer_spec("ecco4"), residual_length=10, sink_tokens=4)
+    layer = EccoLayer(layer_spec("ecco4"), residual_length=10, sink_tokens=4, exact_dtype=F32)
     K, Vv, outs = _run_layer(layer, [2, 1, 300, 1])
     assert layer.k.sink_len == 4 and layer.k.compressed_len == 256
     assert layer.k.exact_len == 304 - 4 - 256
@@ -350,14 +353,21 @@ def test_sink_tokens_stay_exact():
         EccoCache(tiny("llama")[1], sink_tokens=-2)
 
 
-def test_exact_dtype_halves_the_window():
+def test_exact_window_is_16_bit_by_default():
     model, cfg = tiny("llama", layers=1)
     ids = _ids(1, 200)
-    ref = _steps(model, EccoCache(cfg, "ecco4", residual_length=16, fused=False), ids, 190)
-    c16 = EccoCache(cfg, "ecco4", residual_length=16, exact_dtype=torch.float16)
-    got = _steps(model, c16, ids, 190)
-    assert (got - ref).abs().max() / ref.abs().max() < 1e-2
-    lay = c16.memory_report()["layers"][0]["key"]
-    assert lay["exact_bytes"] == (lay["sink_tokens"] + lay["exact_tokens"]) * 2 * 16 * 2
+    ref = _steps(model, EccoCache(cfg, "ecco4", residual_length=16, fused=False,
+                                  exact_dtype=F32), ids, 190)
+    for kw in ({}, {"exact_dtype": torch.float16}):
+        c16 = EccoCache(cfg, "ecco4", residual_length=16, **kw)
+        got = _steps(model, c16, ids, 190)
+        assert (got - ref).abs().max() / ref.abs().max() < 1e-2
+        layer = c16.layers[0]
+        assert layer.k.held.dtype == kw.get("exact_dtype", torch.bfloat16)
+        lay = c16.memory_report()["layers"][0]["key"]
+        assert lay["exact_bytes"] == (lay["sink_tokens"] + lay["exact_tokens"]) * 2 * 16 * 2
+    f32 = EccoCache(cfg, "ecco4", residual_length=16, exact_dtype=F32)
+    _steps(model, f32, ids, 190)
+    assert f32.layers[0].k.held.dtype == F32
     with pytest.raises(ValueError, match="exact_dtype"):
         EccoCache(cfg, exact_dtype=torch.int8)

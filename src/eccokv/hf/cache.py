@@ -17,8 +17,14 @@ streams [B, Hkv, T, D]: compressed chunks followed by an exact window of recent 
   exact (like KIVI and transformers' QuantizedCache: prefill attention is exact).
 - Each batch element's chunk is its own `Compressed`, so beam reordering, selection and
   repetition move references, never re-quantise, and repeated beams share storage.
-- Until fused attention is used, `update` decodes the compressed part into a fresh
-  tensor for the step; nothing decoded is kept between steps.
+- Fused attention (default, see `eccokv.hf.attention`): a decoding step hands references
+  to the compressed chunks to the kernels; otherwise (fused=False, steps of more than 32
+  tokens, layouts the kernels do not cover) `update` decodes the compressed part into a
+  fresh tensor for the step. Nothing decoded is kept between steps.
+- The exact sink and window are stored at 16 bits by default (`exact_dtype`); the step
+  that adds a token attends to it unrounded.
+- A failed `update` (bad shape, dtype or device, NaN/Inf, a codec error) changes nothing:
+  everything is checked, and the new state computed, before the layer is changed.
 - Sliding-window / chunked layers (Gemma3-style hybrids, Mistral v0.1): by default
   (`sliding="native"`) they stay transformers' own `DynamicSlidingWindowLayer`, exact:
   they hold at most one window, so there is little to save, and a rolling window would
@@ -59,15 +65,31 @@ CHUNK_META_BYTES = 32
 FUSED_MAX_QUERIES = 32
 
 
+class _Next:
+    """A stream's state after an append, computed without changing the stream."""
+
+    __slots__ = ("full", "held", "sink_len", "chunk", "n")
+
+    def __init__(self, full: torch.Tensor, held: torch.Tensor, sink_len: int,
+                 chunk: list[Compressed] | None, n: int) -> None:
+        self.full = full  # sink ++ window ++ new, before compressing (storage dtype)
+        self.held = held  # what stays exact
+        self.sink_len = sink_len
+        self.chunk = chunk  # the new chunk (one Compressed per batch element), or None
+        self.n = n  # its tokens
+
+
 class _Stream:
     """One of K or V for one layer: exact sink tokens, compressed chunks, exact window.
 
-    sink [B, H, <= n_sink, D]: the first tokens, kept exact (attention sinks: they take
-    much of the attention mass, so their error weighs most; see docs/cache.md).
-    chunks[i][b] is batch element b's Compressed [H, n_i, D] (grouped over tokens: axis 1;
-    over channels: axis 2) or [H, n_i * D] (over channels when a group does not divide
-    head_dim: token-major, axis 1) covering the next `valid_i` tokens; `valid_i < n_i`
-    only after `crop` cut into it. exact [B, H, Te, D]: the rest.
+    held [B, H, sink + window, D] (storage dtype `exact_dtype`): the first `sink_len`
+    tokens are the sink (attention sinks, kept exact: they take much of the attention mass,
+    so their error weighs most; see docs/cache.md), the rest the exact window of recent
+    tokens. chunks[i][b] is batch element b's Compressed [H, n_i, D] (grouped over tokens:
+    axis 1; over channels: axis 2) or [H, n_i * D] (over channels when a group does not
+    divide head_dim: token-major, axis 1) covering the `valid_i` tokens between;
+    `valid_i < n_i` only after `crop` cut into it. Tensors are never written in place
+    (a step's fused view may still reference them).
     """
 
     def __init__(self, spec: StreamSpec, residual: int, sink: int,
@@ -75,29 +97,32 @@ class _Stream:
         self.spec = spec
         self.residual = residual
         self.n_sink = sink
-        self.exact_dtype = exact_dtype
+        self.exact_dtype = exact_dtype  # storage dtype of `held` (set at the first append)
         self.reset()
 
     def reset(self) -> None:
         self.chunks: list[list[Compressed]] = []
         self.valid: list[int] = []
-        self.sink: torch.Tensor | None = None
-        self.exact: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None
+        self.sink_len = 0
+        self.compressed_len = 0
+        self.cut = False  # a chunk was cut by crop (no fused kernel for it)
 
     @property
-    def compressed_len(self) -> int:
-        return sum(self.valid)
+    def sink(self) -> torch.Tensor | None:
+        return None if self.held is None else self.held[:, :, :self.sink_len]
 
     @property
-    def sink_len(self) -> int:
-        return 0 if self.sink is None else self.sink.shape[-2]
+    def exact(self) -> torch.Tensor | None:
+        """The exact window (after the sink)."""
+        return None if self.held is None else self.held[:, :, self.sink_len:]
 
     @property
     def exact_len(self) -> int:
-        return 0 if self.exact is None else self.exact.shape[-2]
+        return 0 if self.held is None else self.held.shape[-2] - self.sink_len
 
     def __len__(self) -> int:
-        return self.sink_len + self.compressed_len + self.exact_len
+        return (0 if self.held is None else self.held.shape[-2]) + self.compressed_len
 
     # -- the step's view ---------------------------------------------------------------
     def decode_into(self, out: torch.Tensor, t: int) -> int:
@@ -116,37 +141,42 @@ class _Stream:
 
     def view_with(self, new: torch.Tensor) -> torch.Tensor:
         """[B, H, len + S, D]: sink ++ decoded chunks ++ exact window ++ `new` (this step)."""
-        parts = [x for x in (self.sink, self.exact) if x is not None]
+        if self.held is None:
+            return new
         if not self.chunks:
-            return torch.cat([x.to(new.dtype) for x in parts] + [new], -2) if parts else new
+            return torch.cat([self.held, new], -2).to(new.dtype)
         B, H, S, D = new.shape
         out = torch.empty((B, H, len(self) + S, D), dtype=new.dtype)
-        t = self.sink_len
-        if t:
-            out[:, :, :t] = self.sink
-        t = self.decode_into(out, t)
-        out[:, :, t:t + self.exact_len] = self.exact
+        s = self.sink_len
+        out[:, :, :s] = self.held[:, :, :s]
+        t = self.decode_into(out, s)
+        out[:, :, t:t + self.exact_len] = self.held[:, :, s:]
         out[:, :, t + self.exact_len:] = new
         return out
 
+    def tail_with(self, new: torch.Tensor, nxt: _Next) -> torch.Tensor:
+        """The fused kernel's exact tail [B, H, sink + window + S, D]: `new` unrounded."""
+        if nxt.full.dtype == new.dtype:
+            return nxt.full
+        return torch.cat([self.held, new], -2)  # promoted: the 16-bit part is exact in it
+
     # -- appending ---------------------------------------------------------------------
-    def append(self, new: torch.Tensor, g: int) -> None:
-        """Add the step's tokens, then compress the tokens older than the exact window, in
-        multiples of `g` tokens (whole groups of both of the layer's streams)."""
+    def plan(self, new: torch.Tensor, g: int) -> _Next:
+        """The state after adding the step's tokens and compressing those older than the
+        exact window, in multiples of `g` tokens (whole groups of both of the layer's
+        streams). Changes nothing: an error (e.g. from the codec) leaves the stream as it
+        was; `commit` applies the result."""
         new = new.detach()
-        if self.exact_dtype is not None:
-            new = new.to(self.exact_dtype)
-        self.exact = new.clone() if self.exact is None else torch.cat([self.exact, new], dim=-2)
-        need = self.n_sink - self.sink_len
-        if need > 0:
-            take = self.exact[:, :, :need]
-            self.sink = take.clone() if self.sink is None else torch.cat([self.sink, take], -2)
-            self.exact = self.exact[:, :, need:].clone()
-        B, H, _, D = self.exact.shape
-        n = (self.exact_len - self.residual) // g * g
+        if self.held is None:
+            full = new.to(self.exact_dtype, copy=True)
+        else:
+            full = torch.cat([self.held, new.to(self.exact_dtype)], dim=-2)
+        s = min(self.n_sink, full.shape[-2])  # the sink fills first (see crop_to)
+        n = (full.shape[-2] - s - self.residual) // g * g
         if n <= 0:
-            return
-        old = self.exact[:, :, :n]
+            return _Next(full, full, s, None, 0)
+        old = full[:, :, s:s + n]
+        B, H, _, D = full.shape
         codec = self.spec.codec
         if self.spec.axis == "tokens":
             chunk = [codec.encode(old[b], axis=1) for b in range(B)]
@@ -154,41 +184,50 @@ class _Stream:
             chunk = [codec.encode(old[b], axis=2) for b in range(B)]
         else:  # groups run on into the next token: token-major [H, n * D]
             chunk = [codec.encode(old[b].reshape(H, n * D), axis=1) for b in range(B)]
-        self.chunks.append(chunk)
-        self.valid.append(n)
-        self.exact = self.exact[:, :, n:].clone()  # clone: free the compressed tokens
+        # a new tensor: frees the compressed tokens (and `full` may be a fused step's tail)
+        held = torch.cat([full[:, :, :s], full[:, :, s + n:]], dim=-2)
+        return _Next(full, held, s, chunk, n)
+
+    def commit(self, nxt: _Next) -> None:
+        self.held, self.sink_len = nxt.held, nxt.sink_len
+        if nxt.chunk is not None:
+            self.chunks.append(nxt.chunk)
+            self.valid.append(nxt.n)
+            self.compressed_len += nxt.n
 
     # -- batch / beam operations (references only, nothing re-quantised) ----------------
     def select(self, idx: list[int]) -> None:
         self.chunks = [[chunk[i] for i in idx] for chunk in self.chunks]
-        ix = torch.as_tensor(idx, dtype=torch.long)
-        if self.exact is not None:
-            self.exact = self.exact[ix]
-        if self.sink is not None:
-            self.sink = self.sink[ix]
+        if self.held is not None:
+            self.held = self.held[torch.as_tensor(idx, dtype=torch.long)]
 
     def crop_to(self, length: int) -> None:
         """Keep the first `length` tokens."""
         s, c = self.sink_len, self.compressed_len
-        if length <= s:
-            self.sink = self.sink[:, :, :length].clone()
+        if self.held is None:
+            return
+        if length <= s:  # into the sink: no chunks, no window (the sink refills first)
+            self.held = self.held[:, :, :length].clone()
+            self.sink_len = length
             self.chunks, self.valid = [], []
-            self.exact = self.exact[:, :, :0].clone()
-            return
-        if length >= s + c:
-            self.exact = self.exact[:, :, : length - s - c].clone()
-            return
-        t = s
-        for i, v in enumerate(self.valid):
-            if t + v >= length:
-                self.chunks, self.valid = self.chunks[: i + 1], self.valid[: i + 1]
-                self.valid[i] = length - t
-                if self.valid[i] == 0:
-                    self.chunks.pop()
-                    self.valid.pop()
-                break
-            t += v
-        self.exact = self.exact[:, :, :0].clone()
+        elif length >= s + c:
+            self.held = self.held[:, :, : length - c].clone()
+        else:
+            t = s
+            for i, v in enumerate(self.valid):
+                if t + v >= length:
+                    self.chunks, self.valid = self.chunks[: i + 1], self.valid[: i + 1]
+                    self.valid[i] = length - t
+                    if self.valid[i] == 0:
+                        self.chunks.pop()
+                        self.valid.pop()
+                    break
+                t += v
+            self.held = self.held[:, :, :s].clone()
+        self.compressed_len = sum(self.valid)
+        D = self.held.shape[-1]
+        self.cut = any(v != _tokens(ch[0], D)
+                       for v, ch in zip(self.valid, self.chunks, strict=True))
 
     # -- accounting --------------------------------------------------------------------
     def unique_compressed(self) -> list[Compressed]:
@@ -197,6 +236,18 @@ class _Stream:
             for c in chunk:
                 seen.setdefault(id(c), c)
         return list(seen.values())
+
+
+def _tokens(c: Compressed, head_dim: int) -> int:
+    """Tokens a chunk holds: [H, n, D], or [H, n * D] (token-major, over channels)."""
+    return c.shape[1] if len(c.shape) == 3 else c.shape[1] // head_dim
+
+
+# float32 models: the exact sink and window are stored in this 16-bit type by default
+# (chosen by measurement, docs/cache.md); float16/bfloat16 models keep their own dtype.
+DEFAULT_EXACT_DTYPE = torch.bfloat16
+EXACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_UNSET = object()
 
 
 class EccoLayer(CacheLayerMixin):
@@ -208,9 +259,11 @@ class EccoLayer(CacheLayerMixin):
 
     def __init__(self, spec: LayerSpec | None = None, residual_length: int = DEFAULT_RESIDUAL,
                  sink_tokens: int = DEFAULT_SINK, attn_config: Any = None,
-                 exact_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+                 exact_dtype: torch.dtype | None = None, layer_idx: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__()
         self.attn_config = attn_config  # fused attention when it selects "eccokv"
+        self.layer_idx = layer_idx
         if spec is None:
             from eccokv.hf.spec import layer_spec
 
@@ -222,12 +275,16 @@ class EccoLayer(CacheLayerMixin):
         if not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         self.sink_tokens = sink_tokens
-        if exact_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"exact_dtype must be None (the model's dtype), torch.float32, "
+        if exact_dtype is not None and exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"exact_dtype must be None (16 bits: the model's dtype if it is "
+                             f"float16/bfloat16, else {DEFAULT_EXACT_DTYPE}), torch.float32, "
                              f"torch.float16 or torch.bfloat16; got {exact_dtype!r}")
+        self.exact_dtype = exact_dtype
         self.k = _Stream(spec.key, residual_length, sink_tokens, exact_dtype)
         self.v = _Stream(spec.value, residual_length, sink_tokens, exact_dtype)
         self.seq = 0
+        self.g = 0  # tokens per compression step (set at the first update)
+        self._why: Any = _UNSET  # why the kernels do not cover this layer (None: they do)
 
     def __repr__(self) -> str:
         return (f"EccoLayer(key={self.spec.key.codec.get_config()['id']}/{self.spec.key.axis}, "
@@ -235,72 +292,114 @@ class EccoLayer(CacheLayerMixin):
                 f"residual={self.residual_length}, tokens={self.seq})")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.device.type != "cpu":
-            raise ValueError(f"EccoCache runs on CPU; got K/V on {key_states.device} "
-                             "(move the model to CPU or use a plain DynamicCache)")
-        if key_states.dim() != 4 or value_states.dim() != 4:
-            raise ValueError("K/V states must be [batch, kv_heads, tokens, head_dim], got "
-                             f"{tuple(key_states.shape)} / {tuple(value_states.shape)}")
         self.dtype, self.device = key_states.dtype, key_states.device
+        store = self.exact_dtype
+        if store is None:
+            store = self.dtype if self.dtype != torch.float32 else DEFAULT_EXACT_DTYPE
+        self.k.exact_dtype = self.v.exact_dtype = store
+        self.g = math.lcm(self.spec.key.token_granularity(key_states.shape[-1]),
+                          self.spec.value.token_granularity(value_states.shape[-1]))
         self.is_initialized = True
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Everything `update` needs of the step's K/V, before anything changes."""
+        for name, x in (("K", k), ("V", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"{name} states must be a tensor [batch, kv_heads, tokens, "
+                                 f"head_dim], got {getattr(x, 'shape', type(x).__name__)}")
+            if x.device.type != "cpu":
+                raise ValueError(f"EccoCache runs on CPU; got K/V on {x.device} (move the "
+                                 "model to CPU or use a plain DynamicCache)")
+            if x.dtype not in EXACT_DTYPES:
+                raise ValueError(f"{name} states must be float32, float16 or bfloat16, got "
+                                 f"{x.dtype}")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} differ in batch, "
+                             "heads or tokens")
+        if self.is_initialized:
+            if k.dtype != self.dtype or v.dtype != self.dtype:
+                raise ValueError(f"K/V dtype {k.dtype}/{v.dtype} differs from the {self.dtype} "
+                                 "of the first update")
+            held = self.k.held
+            if held is not None and k.shape[0] != held.shape[0]:
+                raise ValueError(f"batch size changed from {held.shape[0]} to {k.shape[0]} "
+                                 "without batch_select/repeat")
+            for name, x, s in (("K", k, self.k), ("V", v, self.v)):
+                if s.held is not None and (x.shape[1], x.shape[3]) != (s.held.shape[1],
+                                                                       s.held.shape[3]):
+                    raise ValueError(f"{name} states {tuple(x.shape)}: kv_heads/head_dim "
+                                     f"differ from the cache's {tuple(s.held.shape)}")
+        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            raise ValueError("K/V states contain NaN or Inf; the cache is left unchanged")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the step's K/V [B, Hkv, S, D]; return this step's full K and V."""
+        """Append the step's K/V [B, Hkv, S, D]; return this step's full K and V.
+
+        Raises ValueError (bad shape, dtype, device, NaN/Inf) or a codec error with the
+        cache exactly as it was before the call."""
+        self._check(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[:3] != value_states.shape[:3]:
-            raise ValueError(f"K {tuple(key_states.shape)} and V {tuple(value_states.shape)} "
-                             "differ in batch, heads or tokens")
-        if self.seq and key_states.shape[0] != self.k.exact.shape[0]:
-            raise ValueError(f"batch size changed from {self.k.exact.shape[0]} to "
-                             f"{key_states.shape[0]} without batch_select/repeat")
-        fused = (self._fused_on() and bool(self.k.chunks or self.v.chunks)
-                 and key_states.shape[-2] <= FUSED_MAX_QUERIES)
-        step = self._fused_step(key_states, value_states) if fused else None
-        if step is not None:
-            keys, values = key_states.view_as(key_states), value_states.view_as(value_states)
-            keys._eccokv = values._eccokv = step  # read by eccokv_attention
-        else:
+        fused = (self._has_chunks() and key_states.shape[-2] <= FUSED_MAX_QUERIES
+                 and self._fused_on() and self._fused_reason() is None)
+        if not fused:
             keys = self.k.view_with(key_states)
             values = self.v.view_with(value_states)
-        g = math.lcm(self.spec.key.token_granularity(key_states.shape[-1]),
-                     self.spec.value.token_granularity(value_states.shape[-1]))
-        self.k.append(key_states, g)  # K and V compress the same tokens: one token order
-        self.v.append(value_states, g)
+        nk = self.k.plan(key_states, self.g)  # K and V compress the same tokens
+        nv = self.v.plan(value_states, self.g)
+        if fused:
+            from eccokv.hf.attention import FusedStep, StreamView, issue
+
+            step = FusedStep(
+                StreamView(list(self.k.chunks), self.k.tail_with(key_states, nk),
+                           self.k.sink_len, self.k.compressed_len),
+                StreamView(list(self.v.chunks), self.v.tail_with(value_states, nv),
+                           self.v.sink_len, self.v.compressed_len),
+                config_id=id(self.attn_config), layer_idx=self.layer_idx)
+        self.k.commit(nk)
+        self.v.commit(nv)
         self.seq += key_states.shape[-2]
-        self.keys, self.values = self.k.exact, self.v.exact  # the exact window (for inspection)
+        self.keys, self.values = self.k.held, self.v.held  # exact sink + window (inspection)
+        if fused:
+            keys, values = key_states.view_as(key_states), value_states.view_as(value_states)
+            issue(step, keys, values)  # read (and checked) by eccokv_attention
         return keys, values
+
+    def _has_chunks(self) -> bool:
+        return bool(self.k.chunks or self.v.chunks)
 
     # -- fused attention ---------------------------------------------------------------
     def _fused_on(self) -> bool:
         cfg = self.attn_config
         return cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTN_NAME
 
-    def _fused_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Any:
-        """The step for `eccokv_attention` (references, before this step's append), or None
-        (with a one-time warning naming the case) if the kernels do not cover the chunks."""
-        from eccokv.hf.attention import FusedStep, StreamView, warn_once
-        from eccokv.kernels.attention import unsupported_reason
+    def _fused_reason(self) -> str | None:
+        """Why the kernels do not cover this layer's chunks (warned once), or None."""
+        if self.k.cut or self.v.cut:
+            from eccokv.hf.attention import warn_once
 
-        views = []
-        for s, new in ((self.k, key_states), (self.v, value_states)):
-            if s.chunks:
-                c = s.chunks[0][0]
-                if len(c.shape) != 3:
-                    warn_once(f"{s.spec.codec.get_config()['id']} grouped over channels with "
-                              f"head_dim {new.shape[-1]} not a multiple of its group size")
-                    return None
-                why = unsupported_reason(c.codec_config, c.axis)
-                if why is not None:
-                    warn_once(why)
-                    return None
-                if any(v != ch[0].shape[1] for v, ch in zip(s.valid, s.chunks, strict=True)):
-                    warn_once("a compressed chunk cut by crop()")
-                    return None
-            tail = [x.to(new.dtype) for x in (s.sink, s.exact) if x is not None] + [new]
-            views.append(StreamView(list(s.chunks), torch.cat(tail, dim=-2), s.sink_len))
-        return FusedStep(*views)
+            warn_once("a compressed chunk cut by crop()")
+            return "cut"
+        if self._why is _UNSET:
+            from eccokv.hf.attention import warn_once
+            from eccokv.kernels.attention import unsupported_reason
+
+            why = None
+            for s in (self.k, self.v):
+                if s.chunks and why is None:
+                    c = s.chunks[0][0]
+                    if len(c.shape) != 3:
+                        why = (f"{s.spec.codec.get_config()['id']} grouped over channels with "
+                               f"head_dim {s.held.shape[-1]} not a multiple of its group size")
+                    else:
+                        why = unsupported_reason(c.codec_config, c.axis)
+            self._why = why
+        if self._why is not None:
+            from eccokv.hf.attention import warn_once
+
+            warn_once(self._why)
+        return self._why
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seq + query_length, 0
@@ -330,7 +429,7 @@ class EccoLayer(CacheLayerMixin):
             return
         self.k.select(idx)
         self.v.select(idx)
-        self.keys, self.values = self.k.exact, self.v.exact
+        self.keys, self.values = self.k.held, self.v.held
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select([int(i) for i in beam_idx.tolist()])
@@ -344,7 +443,7 @@ class EccoLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.seq == 0:
             return
-        B = self.k.exact.shape[0]
+        B = self.k.held.shape[0]
         self._select([b for b in range(B) for _ in range(repeats)])
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -361,7 +460,7 @@ class EccoLayer(CacheLayerMixin):
         self.k.crop_to(new_len)
         self.v.crop_to(new_len)
         self.seq = new_len
-        self.keys, self.values = self.k.exact, self.v.exact
+        self.keys, self.values = self.k.held, self.v.held
 
     # -- accounting --------------------------------------------------------------------
     def memory_report(self) -> dict[str, Any]:
@@ -372,9 +471,9 @@ class EccoLayer(CacheLayerMixin):
             uniq = s.unique_compressed()
             comp = sum(c.payload_nbytes for c in uniq)
             meta = CHUNK_META_BYTES * len(uniq) + len(json.dumps(s.spec.codec.get_config()))
-            exact = sum(x.numel() * x.element_size() for x in (s.sink, s.exact)
-                        if x is not None)
-            shape = None if s.exact is None else s.exact.shape
+            held = s.held
+            exact = 0 if held is None else held.numel() * held.element_size()
+            shape = None if held is None else held.shape
             n = 0 if shape is None else shape[0] * shape[1] * len(s) * shape[3]
             rep[name] = {"compressed_bytes": comp, "metadata_bytes": meta, "exact_bytes": exact,
                          "compressed_tokens": s.compressed_len, "sink_tokens": s.sink_len,
@@ -399,11 +498,13 @@ class EccoCache(Cache):
     first tokens kept exact (attention sinks). sliding:
     "native" (sliding-window layers stay transformers' exact DynamicSlidingWindowLayer) or
     "compress" (they become EccoLayers keeping the whole history; the mask hides the rest).
-    fused: attend straight from the compressed cache (switches the model's config to the
-    "eccokv" attention, which hands every other cache to the previous implementation);
-    False decodes the compressed part into a temporary tensor at every step.
-    exact_dtype: storage dtype of the exact sink and window (default: the model's); e.g.
-    torch.float16 halves their bytes for a float32 model (values rounded to fp16).
+    fused: attend straight from the compressed cache (switches the model's attention
+    implementation to "eccokv", which hands every other cache to the previous one; nothing
+    `save_pretrained` writes changes); False decodes the compressed part into a temporary
+    tensor at every step.
+    exact_dtype: storage dtype of the exact sink and window. Default: 16 bits (the model's
+    dtype if float16/bfloat16, else bfloat16: half the bytes of float32, values rounded
+    once, see docs/cache.md); torch.float32 keeps a float32 model's values unrounded.
     """
 
     def __init__(self, config: Any, codec: Any = "ecco4", *, key_codec: Any = None,
@@ -434,10 +535,11 @@ class EccoCache(Cache):
                                  "which EccoCache leaves to transformers' own layer type; "
                                  "they cannot take a codec")
         built: list[CacheLayerMixin] = []
-        for ltype, kw, spec in zip(layer_types, layer_kwargs, specs, strict=True):
+        for i, (ltype, kw, spec) in enumerate(zip(layer_types, layer_kwargs, specs,
+                                                  strict=True)):
             if ltype in ours:
                 built.append(EccoLayer(spec, residual, sink, attn_config=text,
-                                       exact_dtype=exact_dtype))
+                                       exact_dtype=exact_dtype, layer_idx=i))
             elif ltype in DYNAMIC_LAYER_TYPE_MAPPING:
                 built.append(DYNAMIC_LAYER_TYPE_MAPPING[ltype](**kw))
             else:
