@@ -10,7 +10,6 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -102,20 +101,15 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
 def cmd_bench_generate(args: argparse.Namespace) -> int:
     from eccokv.bench import generate as bg
 
-    res = bg.run(model_name=args.model, prompt_tokens=args.prompt_tokens,
-                 new_tokens=args.new_tokens, kinds=args.kinds.split(","),
-                 repeats=args.repeats, verbose=not args.json)
-    res["command"] = _command_line()
-    md = bg.to_markdown(res)
-    if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "generate.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / "generate.md").write_text(md)
+    res = bg.run(model_name=args.model, prompt_tokens=bg.parse_prompts(args.prompt_tokens),
+                 new_tokens=args.new_tokens, kinds=_csv(args.kinds), repeats=args.repeats,
+                 verbose=not args.json, command=_command_line(), out_dir=args.out_dir or None)
     if args.json:
         _print_json(res)
     else:
-        print(md)
+        print(bg.to_markdown(res))
+        if args.out_dir:
+            print(f"wrote {args.out_dir}/generate.json and {args.out_dir}/generate.md")
     return 0
 
 
@@ -301,15 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_attention)
 
-    s = b.add_parser("generate", help="tokens/s and peak RSS of generate() with EccoCache "
-                     "vs DynamicCache (fresh process per run)")
+    bgen = __import__("eccokv.bench.generate", fromlist=["x"])
+    s = b.add_parser("generate", help="decode tokens/s, prefill and KV bytes of generate() "
+                     "with EccoCache vs DynamicCache and QuantizedCache (fresh process per "
+                     "run; -> generate.{json,md})")
     s.add_argument("--model", default="smollm2")
-    s.add_argument("--prompt-tokens", type=int, default=4096)
-    s.add_argument("--new-tokens", type=int, default=64)
-    s.add_argument("--kinds", default=",".join(__import__(
-        "eccokv.bench.generate", fromlist=["x"]).DEFAULT_KINDS))
-    s.add_argument("--repeats", type=int, default=2)
-    s.add_argument("--out-dir", default="benchmarks")
+    s.add_argument("--prompt-tokens", default=",".join(map(str, bgen.DEFAULT_PROMPTS)),
+                   help="prompt lengths, comma-separated")
+    s.add_argument("--new-tokens", type=int, default=bgen.DEFAULT_NEW_TOKENS)
+    s.add_argument("--kinds", default=",".join(bgen.DEFAULT_KINDS),
+                   help="caches, comma-separated: " + ", ".join(bgen.KINDS))
+    s.add_argument("--repeats", type=int, default=bgen.DEFAULT_REPEATS)
+    s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_generate)
 
