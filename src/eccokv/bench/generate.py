@@ -173,6 +173,8 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int) -> d
     gen = clock.t[1:]  # the first put() is the prompt
     steps = [b - a for a, b in zip(gen[:-1], gen[1:], strict=True)]
     kb = cache_kv_bytes(cache)
+    stream = getattr(cache.layers[0], "k", None)  # EccoCache's exact storage dtype, if any
+    exact_dtype = getattr(stream, "exact_dtype", None)
     kv, fp16 = kb["kv_bytes"], kb["fp16_bytes"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
@@ -190,7 +192,8 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int) -> d
         "kv_vs_fp16": kv / fp16, "warmup_s": warmup_s,
         "warmup_numba": _count_delta(c1, c0), "timed_numba": _count_delta(c2, c1),
         "torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": layer,
+        "numba_threading_layer": layer, "model_dtype": str(next(model.parameters()).dtype),
+        "exact_dtype": None if exact_dtype is None else str(exact_dtype),
         "env": {k: os.environ.get(k) for k in STRIPPED_ENV + ("OMP_NUM_THREADS",
                                                               "NUMBA_NUM_THREADS")},
     }
@@ -346,6 +349,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     layers = sorted({str(x.get("numba_threading_layer")) for x in runs
                      if x.get("numba_threading_layer")})
     threads = sorted({(x["torch_threads"], x["numba_threads"]) for x in runs})
+    xd = sorted({f"{x['kind']} {x['exact_dtype']}" for x in runs if x.get("exact_dtype")})
     compiled = sum(x["warmup_numba"]["cache_misses"] for x in runs)
     timed = [x for x in runs if x["timed_numba"]["signatures"] or x["timed_numba"]["cache_misses"]]
     prompts = ", ".join(str(p) for p in res["prompt_tokens"])
@@ -362,7 +366,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"{env['packages']['numba']}, optimum-quanto {env['packages'].get('optimum-quanto')}.  ",
         f"Workers: plain `python` processes with {', '.join(res['stripped_env'])} removed from "
         f"their environment; they ran with numba threading layer {', '.join(layers) or '-'}, "
-        "(torch, numba) threads " + ", ".join(f"{a}/{b}" for a, b in threads) + ".  ",
+        "(torch, numba) threads " + ", ".join(f"{a}/{b}" for a, b in threads)
+        + f"; model dtype {runs[0].get('model_dtype') if runs else '-'}, exact dtype "
+        + (", ".join(xd) or "-") + ".  ",
         f"Warm-up: one untimed generate() ({res['warmup']['prompt_tokens']}-token prompt, "
         f"{res['warmup']['new_tokens']} new tokens) per worker before the measured one; "
         f"numba compiled {compiled} kernel signature(s) in warm-ups (0: all loaded from its "
@@ -404,9 +410,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         "Decode tok/s: the new tokens after the first over the time from the first to the "
         "last. Prefill: prompt in, first token out. KV bytes count everything a cache holds "
         "at the end: EccoCache's compressed chunks, their metadata, the exact sink (4 tokens) "
-        "and window (128-255 tokens) in the model's dtype (float32 here; `ecco4-w16` stores "
-        "them in float16); QuantizedCache's packed int4 codes, scales and shifts (groups of "
-        "64) and its float32 residual (up to 128 tokens); DynamicCache's float32 tensors. "
+        "and window (128-255 tokens) in their storage dtype (`exact dtype` above: EccoCache's "
+        "default is 16 bits; `ecco4-w16` asks for float16); QuantizedCache's packed int4 "
+        "codes, scales and shifts (groups of 64) and its float32 residual (up to 128 "
+        "tokens); DynamicCache's float32 tensors. "
         "'fp16' is the same tokens at 2 bytes per value. Every 128 tokens EccoCache "
         "compresses one more group and QuantizedCache re-quantises its whole history; with "
         "fewer than 128 new tokens a run may or may not contain such a step.",
