@@ -31,7 +31,8 @@ from eccokv.codecs.ecco_profile import (
     register_tables,
     resolve_profile,
 )
-from eccokv.entropy.huffman import decode_table, encode_table
+from eccokv.entropy.huffman import decode_table, encode_table, multi_decode_table
+from eccokv.kernels.ecco_core import MULTI_BITS, EccoTables
 
 # Per-variant block constants (see docs/format.md for the measurements behind them).
 VARIANTS: dict[str, dict[str, int]] = {
@@ -154,6 +155,37 @@ class EccoCodec(Codec):
                                         _log2_int(self.t.NL)))
         self._lock = threading.Lock()
         self._stats = {"blocks": 0, "fallback_blocks": 0, "zero_blocks": 0}
+        self._kt: EccoTables | None = None
+
+    def kernel_tables(self) -> EccoTables:
+        """The frozen tables object every Ecco kernel decodes with (built once)."""
+        if self._kt is None:
+            t = self.t
+            lv16 = np.zeros((t.S, 16), np.float32)
+            lv16[:, :t.NL] = t.levels
+            smax = (1 << self.scale_bits) - 1
+            s = np.arange(smax + 1, dtype=np.float64)
+            mtab = np.concatenate([multi_decode_table(self.tables.lengths[h], MULTI_BITS)
+                                   for h in range(t.H)])
+            lens = np.zeros((t.H, 16), np.uint8)
+            lens[:, :t.NL] = self.tables.lengths
+            kt = EccoTables(
+                self.block_bits, self.scale_bits, self.low_bits, t.pattern_bits,
+                t.codebook_bits, self.fallback_bits, POS_BITS, t.NL,
+                np.ascontiguousarray(lv16.reshape(-1)), np.ascontiguousarray(lens.reshape(-1)),
+                np.ascontiguousarray(mtab), np.ascontiguousarray(np.exp2((s - smax)
+                                                                          / self.scale_steps)),
+                np.ascontiguousarray(self.ctab), np.ascontiguousarray(self.htab),
+                np.ascontiguousarray(_PTAB))
+            # every index the core can form from a block's bits stays inside these tables
+            if (kt.levels.size < 16 << kt.pb or kt.lens.size < 16 << kt.cb
+                    or kt.mtab.size < (1 << kt.cb) << MULTI_BITS or not 2 <= kt.NL <= 16
+                    or kt.sbase.size != 1 << kt.sb or kt.ctab.size != 1 << kt.lb):
+                raise CodecError("Ecco tables do not fit the decode core")
+            for a in kt[8:]:
+                a.setflags(write=False)
+            self._kt = kt
+        return self._kt
 
     # -- config -------------------------------------------------------------------------
     @property
@@ -241,9 +273,7 @@ class EccoCodec(Codec):
 
     def scale_table(self, tscale: float) -> np.ndarray:
         """float32 group scales for every scale code; code 0 is the all-zero group."""
-        smax = (1 << self.scale_bits) - 1
-        s = np.arange(smax + 1, dtype=np.float64)
-        tab = (float(tscale) * np.exp2((s - smax) / self.scale_steps)).astype(np.float32)
+        tab = (float(tscale) * self.kernel_tables().sbase).astype(np.float32)
         tab[0] = 0.0
         return tab
 
@@ -290,13 +320,9 @@ class EccoCodec(Codec):
         flat = target.view(-1)
         arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
         bad = np.zeros(lay.nblocks, dtype=np.uint8)
-        t = self.t
-        decode_blocks(
-            c.arrays["blocks"], lay.nblocks, self.block_bits, self.scale_bits, self.low_bits,
-            t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS, t.levels_flat, t.NL,
-            t.dtab, self.scale_table(float(c.arrays["tscale"][0])), self.ctab, self.htab, _PTAB,
-            lay.length, lay.ngroups, lay.suffix, arr, kind, bad,
-        )
+        decode_blocks(c.arrays["blocks"], lay.nblocks, self.kernel_tables(),
+                      np.float64(c.arrays["tscale"][0]), lay.length, lay.ngroups, lay.suffix,
+                      arr, kind, bad)
         nbad = int(bad.sum())
         if nbad:
             first = int(np.flatnonzero(bad)[0])

@@ -94,3 +94,36 @@ def decode_table(lengths: np.ndarray, max_len: int) -> np.ndarray:
 
 def code_length_bits(counts: np.ndarray, lengths: np.ndarray) -> int:
     return int(np.dot(np.asarray(counts, np.int64), np.asarray(lengths, np.int64)))
+
+
+# Multi-symbol decode entries (zstd's X2 idea): an L-bit peek yields up to MULTI_SYMS
+# symbols. Entry (uint32) = s0 | s1 << 8 | s2 << 16 | n << 24 | nbits << 26: the symbols as
+# bytes (so one unaligned 32-bit store writes them all), how many (1..3) and how many bits
+# they take together (<= L <= 15).
+MULTI_SYMS = 3
+
+
+def multi_decode_table(lengths: np.ndarray, window: int) -> np.ndarray:
+    """uint32 table (2**window,) of multi-symbol entries for LSB-first peeks: each entry
+    holds the longest run of at most MULTI_SYMS whole codes that fits in `window` bits
+    (at least one: window >= the longest code)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not int(lengths.max()) <= window <= 15:
+        raise ValueError(f"window {window} must be in [longest code {int(lengths.max())}, 15]")
+    single = decode_table(lengths, window).astype(np.int64)  # symbol | length << 4
+    idx = np.arange(1 << window, dtype=np.int64)
+    sym = np.zeros((MULTI_SYMS, idx.size), np.int64)
+    n = np.zeros(idx.size, np.int64)
+    used = np.zeros(idx.size, np.int64)
+    active = np.ones(idx.size, bool)
+    mask = (1 << window) - 1
+    for k in range(MULTI_SYMS):
+        e = single[(idx >> used) & mask]
+        ln = e >> 4
+        ok = active & (used + ln <= window)
+        sym[k] = np.where(ok, e & 15, 0)
+        n += ok
+        used += np.where(ok, ln, 0)
+        active = ok
+    out = sym[0] | (sym[1] << 8) | (sym[2] << 16) | (n << 24) | (used << 26)
+    return out.astype(np.uint32)

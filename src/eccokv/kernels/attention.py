@@ -99,15 +99,10 @@ def fused_supported(codec: str | dict[str, Any] | Codec, axis: int) -> bool:
 # ----------------------------------------------------------------------------- codec cache
 
 _CODECS: dict[Any, Codec] = {}
-_CONSTS: dict[int, tuple[np.ndarray, ...]] = {}
 _LOCK = threading.Lock()
 
-_I64 = np.zeros(8, np.int64)
 _F32 = np.zeros(1, np.float32)
-_F64 = np.zeros(1, np.float64)
-_U16 = np.zeros(1, np.uint16)
 _U8 = np.zeros(1, np.uint8)
-_NO_ECCO = (_I64, _F32, _U16, _F64, _F32, _F32, _F32)
 _NO_ITEMS = tuple(np.zeros(0, np.int64) for _ in range(4))
 _NO_CHUNKS = np.zeros((0, 8), np.int64)
 _NO_TSC = np.zeros(0, np.float64)
@@ -133,34 +128,15 @@ def _codec_for(cfg: dict[str, Any]) -> Codec:
     return c
 
 
-def _ecco_consts(codec: Codec) -> tuple[np.ndarray, ...]:
-    """(ep, levels_flat, dtab, sbase, ctab, htab, ptab) for the Ecco kernels."""
-    k = id(codec)  # codecs live in _CODECS for the life of the process
-    cst = _CONSTS.get(k)
-    if cst is None:
-        from eccokv.codecs.ecco import _PTAB, POS_BITS
+def _ecco_consts(codec: Codec) -> tuple[Any, ...]:
+    """(EccoTables,) of an Ecco codec: the frozen tables the shared decode core reads."""
+    return (codec.kernel_tables(),)  # type: ignore[attr-defined]
 
-        t = codec.t  # type: ignore[attr-defined]
-        if (t.S != 1 << t.pattern_bits or t.H != 1 << t.codebook_bits or not 2 <= t.NL <= 16
-                or t.dtab.dtype != np.uint16 or t.dtab.shape != (t.H * 256,)):
-            raise CodecError("Ecco tables do not fit the fused kernel (need power-of-two "
-                             "pattern/codebook counts, <= 16 levels, 8-bit decode tables)")
-        smax = (1 << codec.scale_bits) - 1  # type: ignore[attr-defined]
-        s = np.arange(smax + 1, dtype=np.float64)
-        # the same float64 powers as EccoCodec.scale_table; the kernel multiplies by tscale
-        # and rounds to float32, so group scales are bit-identical to the decoder's
-        sbase = np.ascontiguousarray(np.exp2((s - smax) / codec.scale_steps))  # type: ignore
-        ep = np.array([codec.block_bits, codec.scale_bits, codec.low_bits,  # type: ignore
-                       t.pattern_bits, t.codebook_bits, codec.fallback_bits,  # type: ignore
-                       POS_BITS, t.NL], dtype=np.int64)
-        cst = (ep, np.ascontiguousarray(t.levels_flat, np.float32),
-               np.ascontiguousarray(t.dtab), sbase,
-               np.ascontiguousarray(codec.ctab, np.float32),  # type: ignore[attr-defined]
-               np.ascontiguousarray(codec.htab, np.float32),  # type: ignore[attr-defined]
-               np.ascontiguousarray(_PTAB, np.float32))
-        with _LOCK:
-            _CONSTS[k] = cst
-    return cst
+
+@lru_cache(maxsize=1)
+def _no_ecco() -> tuple[Any, ...]:
+    """Tables of the same numba type for streams without Ecco chunks (never read)."""
+    return _ecco_consts(codecs.get("ecco4"))
 
 
 # ----------------------------------------------------------------------------- streams
@@ -176,7 +152,7 @@ class _Stream:
     kind: int = KIND_ECCO
     ch: np.ndarray = field(default_factory=lambda: _NO_CHUNKS)  # shared, never written
     tsc: np.ndarray = field(default_factory=lambda: _NO_TSC)
-    consts: tuple[np.ndarray, ...] = _NO_ECCO
+    consts: tuple[Any, ...] = ()
     G: int = 128
     bits: int = 4
     Tc: int = 0  # compressed tokens
@@ -263,7 +239,7 @@ def _prepare_stream(chunks: Sequence[Compressed] | None, exact: torch.Tensor | N
     if Hkv < 0:
         raise ValueError(f"{name}: give at least one chunk or an exact tail (its shape gives "
                          f"Hkv and D)")
-    st = _Stream(name, Hkv, D, Tc=t0, keep=keep)
+    st = _Stream(name, Hkv, D, Tc=t0, keep=keep, consts=_no_ecco())
     if rows:
         assert codec is not None and cfg is not None
         st.ch = np.array(rows, dtype=np.int64)

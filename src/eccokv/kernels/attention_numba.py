@@ -45,7 +45,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
-from eccokv.kernels.ecco_numba import _huff8, _patches
+from eccokv.kernels.ecco_core import SYM_STRIDE, decode1, decode4, decode4_slow
 
 _ONE = np.uint64(1)
 _F0 = np.float32(0.0)
@@ -196,230 +196,29 @@ def _unpack(codes, i0, n, bits, out):
 
 
 @njit(inline="always", cache=True)
-def _hdr_cs(words, base, sb, lb, pb, cb, sbase, tsc, ctab, htab):
-    """(mode, scale code, pattern, codebook, A, B) of the block at word `base`; a code-space
-    level l decodes to l * A + B. The group scale is float32(tscale * 2**((s-smax)/R)),
-    computed exactly as `EccoCodec.scale_table` does (sbase holds the float64 powers)."""
-    w0 = words[base]
-    mode = np.int64(w0 & _ONE)
-    s = np.int64((w0 >> np.uint64(2)) & ((_ONE << np.uint64(sb)) - _ONE))
-    q = np.int64((w0 >> np.uint64(2 + sb)) & ((_ONE << np.uint64(lb)) - _ONE))
-    p = np.int64((w0 >> np.uint64(2 + sb + lb)) & ((_ONE << np.uint64(pb)) - _ONE))
-    h = np.int64((w0 >> np.uint64(2 + sb + lb + pb)) & ((_ONE << np.uint64(cb)) - _ONE))
-    sg = np.float32(tsc * sbase[s])
-    if (w0 >> _ONE) & _ONE:
-        sg = -sg
-    return mode, s, p, h, sg * htab[q], sg * ctab[q]
-
-
-_M8 = np.uint64(255)
-_M4 = np.uint16(15)
-_S4 = np.uint16(4)
-_U6 = np.uint64(6)
-_U63 = np.uint64(63)
-
-
-@njit(inline="always", cache=True)
-def _h8(words, base, pos, toff, dtab, lvt, lo, buf, j0):
-    """Decode 8 Huffman symbols from one 64-bit peek at bit `pos` of the block at word
-    `base`: code-space levels lvt[lo + symbol] -> buf[j0 : j0+8]; returns the new bit
-    position. The decoding of `ecco_numba._huff8`, hand-unrolled with the position advanced
-    per symbol and the block's levels copied to a 16-entry table at a constant offset:
-    measured ~35% faster here (the compiler keeps the four interleaved streams in
-    registers instead of spilling per symbol)."""
-    wi = base + (pos >> _U6)
-    off = pos & _U63
-    bits = (words[wi] >> off) | ((words[wi + _ONE] << _ONE) << (_U63 - off))
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(0)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(1)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(2)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(3)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(4)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(5)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(6)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    e = dtab[toff + (bits & _M8)]
-    buf[j0 + np.uint64(7)] = lvt[lo + np.uint64(e & _M4)]
-    ln = np.uint64(e >> _S4)
-    bits >>= ln
-    pos += ln
-    return pos
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
-                sbase, tsc, ctab, htab, ptab, lv, AB, i):
-    """Decode block b (any mode) in code space into lv[128*i : 128*i+128]; AB[2i],
-    AB[2i+1] = its A, B (0, 0 for an all-zero block). Returns 1 if the code stream overruns
-    the block (corrupt data), as `ecco_numba._decode_one` does."""
-    base = b * W
-    j0 = i * _G
-    mode, s, p, h, A, B = _hdr_cs(words, base, sb, lb, pb, cb, sbase, tsc, ctab, htab)
-    if s == 0:
-        for j in range(_G):
-            lv[j0 + j] = _F0
-        AB[2 * i] = _F0
-        AB[2 * i + 1] = _F0
-        return 0
-    AB[2 * i] = A
-    AB[2 * i + 1] = B
-    pos = np.int64(2 + sb + lb + pb + cb)
-    loff = p * NL
-    if mode == 0:
-        ub = np.uint64(base)
-        lim = np.uint64(block_bits - 1)
-        toff = np.uint64(h << 8)
-        c = np.uint64(pos)
-        for r in range(16):
-            c = _huff8(words, ub, min(c, lim), toff, dtab, levels_flat, np.uint64(loff), _F1,
-                       _F0, lv, np.uint64(j0 + r * 8))
-        pos = np.int64(c)
-        if pos > block_bits:
-            return 1
-    else:
-        fmask = (_ONE << np.uint64(fb)) - _ONE
-        for j in range(_G):
-            wi = base + (pos >> 6)
-            off = np.uint64(pos & 63)
-            bits = (words[wi] >> off) | ((words[wi + 1] << _ONE) << (np.uint64(63) - off))
-            q = np.int64(bits & fmask)
-            lv[j0 + j] = levels_flat[loff + (((q + 1) * NL) >> fb) - 1]
-            pos += fb
-    _patches(words, base, pos, block_bits, ps, ptab, _F1, _F0, lv, j0, _G)
-    return 0
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _decode4_cs(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat,
-                NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB, lvt):
-    """Decode blocks b0..b3 in code space into lv[0:512] (128 each), A/B into AB[0:8]
-    (lvt: 64-float scratch for the blocks' level tables). Four Huffman streams side by
-    side (as `ecco_numba.decode_blocks`). Returns the number of corrupt (overrunning)
-    blocks, or -1 (nothing decoded) if a block is all-zero or in the always-fits mode:
-    the caller then runs `_decode4_slow` (keeping that path out of this function made it
-    ~30% faster here)."""
-    m0, s0, p0, h0, A0, B0 = _hdr_cs(words, b0 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
-    m1, s1, p1, h1, A1, B1 = _hdr_cs(words, b1 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
-    m2, s2, p2, h2, A2, B2 = _hdr_cs(words, b2 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
-    m3, s3, p3, h3, A3, B3 = _hdr_cs(words, b3 * W, sb, lb, pb, cb, sbase, tsc, ctab, htab)
-    if (m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0 and s3 != 0:
-        hdr = np.uint64(2 + sb + lb + pb + cb)
-        lim = np.uint64(block_bits - 1)
-        w0 = np.uint64(b0 * W)
-        w1 = np.uint64(b1 * W)
-        w2 = np.uint64(b2 * W)
-        w3 = np.uint64(b3 * W)
-        for k in range(NL):
-            lvt[k] = levels_flat[p0 * NL + k]
-            lvt[16 + k] = levels_flat[p1 * NL + k]
-            lvt[32 + k] = levels_flat[p2 * NL + k]
-            lvt[48 + k] = levels_flat[p3 * NL + k]
-        t0 = np.uint64(h0 << 8)
-        t1 = np.uint64(h1 << 8)
-        t2 = np.uint64(h2 << 8)
-        t3 = np.uint64(h3 << 8)
-        c0 = hdr
-        c1 = hdr
-        c2 = hdr
-        c3 = hdr
-        for r in range(16):
-            j = np.uint64(r * 8)
-            c0 = _h8(words, w0, min(c0, lim), t0, dtab, lvt, np.uint64(0), lv, j)
-            c1 = _h8(words, w1, min(c1, lim), t1, dtab, lvt, np.uint64(16), lv,
-                     np.uint64(128) + j)
-            c2 = _h8(words, w2, min(c2, lim), t2, dtab, lvt, np.uint64(32), lv,
-                     np.uint64(256) + j)
-            c3 = _h8(words, w3, min(c3, lim), t3, dtab, lvt, np.uint64(48), lv,
-                     np.uint64(384) + j)
-        e0 = np.int64(c0)
-        e1 = np.int64(c1)
-        e2 = np.int64(c2)
-        e3 = np.int64(c3)
-        nbad = 0
-        if e0 <= block_bits:
-            _patches(words, b0 * W, e0, block_bits, ps, ptab, _F1, _F0, lv, 0, _G)
-        else:
-            nbad += 1
-        if e1 <= block_bits:
-            _patches(words, b1 * W, e1, block_bits, ps, ptab, _F1, _F0, lv, 128, _G)
-        else:
-            nbad += 1
-        if e2 <= block_bits:
-            _patches(words, b2 * W, e2, block_bits, ps, ptab, _F1, _F0, lv, 256, _G)
-        else:
-            nbad += 1
-        if e3 <= block_bits:
-            _patches(words, b3 * W, e3, block_bits, ps, ptab, _F1, _F0, lv, 384, _G)
-        else:
-            nbad += 1
-        AB[0] = A0
-        AB[1] = B0
-        AB[2] = A1
-        AB[3] = B1
-        AB[4] = A2
-        AB[5] = B2
-        AB[6] = A3
-        AB[7] = B3
-        return nbad
-    return -1
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _decode4_slow(words, b0, b1, b2, b3, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat,
-                  NL, dtab, sbase, tsc, ctab, htab, ptab, lv, AB):
-    """`_decode4_cs` for a quad with an all-zero or always-fits block: one block at a time."""
-    nbad = 0
-    for i in range(4):
-        b = b0 if i == 0 else (b1 if i == 1 else (b2 if i == 2 else b3))
-        nbad += _decode1_cs(words, b, W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
-                            dtab, sbase, tsc, ctab, htab, ptab, lv, AB, i)
-    return nbad
+def _quad(words, b, stride, t, tsc, sy, lv, AB):
+    """Blocks b, b + stride, b + 2 stride, b + 3 stride through the shared decode core
+    (code-space levels -> lv[0:512], A/B -> AB[0:8]); returns the corrupt-block count."""
+    n = decode4(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv, AB)
+    if n < 0:
+        n = decode4_slow(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv,
+                         AB)
+    return n
 
 
 # ----------------------------------------------------------------------------- K side items
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, ep, levels_flat,
-                 dtab, sbase, tsc, ctab, htab, ptab):
+def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc):
     """Scores of token groups g0 .. g0+ng-1 of one Ecco chunk (Tc tokens, ngroups groups)
     for KV head h: S[soff + r*T + t] (t from the first token of group g0) =
     sum_d qf[r, d] * K[t, d], computed as (q*A) * level + (sum_d q*B), the latter once
     per group. Four channels are decoded side by side and each channel's blocks are
     walked in order (block of channel d, group g = (h*D + d) * ngroups + g). Returns the
     number of corrupt blocks."""
-    block_bits, sb, lb, pb, cb, fb, ps, NL = (ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6],
-                                              ep[7])
-    W = block_bits // 64
     lv = np.empty(4 * _G, np.float32)
-    lvt = np.empty(64, np.float32)
+    sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(8, np.float32)
     cB = np.zeros(R * ng, np.float32)
     ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
@@ -430,15 +229,7 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, ep, 
     while d + 4 <= D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
-            bb = (h * D + d) * ngroups + g0 + gi
-            nb4 = _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
-                              block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
-                              tsc, ctab, htab, ptab, lv, AB, lvt)
-            if nb4 < 0:
-                nb4 = _decode4_slow(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups,
-                                    W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
-                                    dtab, sbase, tsc, ctab, htab, ptab, lv, AB)
-            nbad += nb4
+            nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv, AB)
             lv0 = lv[0:n]
             lv1 = lv[_G:_G + n]
             lv2 = lv[2 * _G:2 * _G + n]
@@ -452,15 +243,13 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, ep, 
                 cB[r * ng + gi] += qr[0] * AB[1] + qr[1] * AB[3] + qr[2] * AB[5] + qr[3] * AB[7]
                 so = soff + r * T + gi * _G
                 srow = S[so:so + n]
-                for t in range(n):
-                    srow[t] += (a0 * lv0[t] + a1 * lv1[t]) + (a2 * lv2[t] + a3 * lv3[t])
+                for k in range(n):
+                    srow[k] += (a0 * lv0[k] + a1 * lv1[k]) + (a2 * lv2[k] + a3 * lv3[k])
         d += 4
     while d < D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
-            nbad += _decode1_cs(words, (h * D + d) * ngroups + g0 + gi, W, block_bits, sb, lb,
-                                pb, cb, fb, ps, levels_flat, NL, dtab, sbase, tsc, ctab, htab,
-                                ptab, lv, AB, d - d)
+            nbad += decode1(words, (h * D + d) * ngroups + g0 + gi, t, tsc, sy, lv, 0, AB, 0)
             lv0 = lv[0:n]
             for r in range(R):
                 qd = qf[qoff + r * D + d]
@@ -468,16 +257,16 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, ep, 
                 cB[r * ng + gi] += qd * AB[1]
                 so = soff + r * T + gi * _G
                 srow = S[so:so + n]
-                for t in range(n):
-                    srow[t] += a0 * lv0[t]
+                for k in range(n):
+                    srow[k] += a0 * lv0[k]
         d += 1
     for r in range(R):
         for gi in range(ng):
             so = soff + r * T + gi * _G
             srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
             c = cB[r * ng + gi]
-            for t in range(srow.shape[0]):
-                srow[t] += c
+            for k in range(srow.shape[0]):
+                srow[k] += c
     return nbad
 
 
@@ -614,7 +403,7 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c,
+def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
             it_h, it_s, it_n, kx, Te, es, Tc_tot, qf, R, D, T, S, bad):
     """One K work item (see `k_phase`)."""
     nci = it_c.shape[0]
@@ -635,8 +424,7 @@ def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
     if kind == 0:
         words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
         nb = _k_ecco_item(words, h, s // _G, (n + _G - 1) // _G, (Tc + _G - 1) // _G, Tc, D, qf,
-                          qoff, R, S, soff, T, ep, levels_flat, dtab, sbase, tsc[c], ctab, htab,
-                          ptab)
+                          qoff, R, S, soff, T, t, tsc[c])
         if nb:
             bad[c] = 1
         return
@@ -656,7 +444,7 @@ def _k_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def k_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, it_c, it_h,
+def k_phase(kind, t, G, bits, ch, tsc, it_c, it_h,
             it_s, it_n, kx, Te, es, Tc_tot, qf, Hkv, R, D, T, S, bad, mode, allow, bias, i0,
             Lt, Lq, lsum):
     """Scores of every (KV head, tile row, token) into S, then the softmax weights in place
@@ -666,8 +454,8 @@ def k_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, t
     corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
     nit = it_c.shape[0] + Hkv * ((Te + es - 1) // es)
     for it in prange(nit):
-        _k_item(np.int64(it), kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch,
-                tsc, it_c, it_h, it_s, it_n, kx, Te, es, Tc_tot, qf, R, D, T, S, bad)
+        _k_item(np.int64(it), kind, t, G, bits, ch, tsc, it_c, it_h, it_s, it_n, kx, Te, es,
+                Tc_tot, qf, R, D, T, S, bad)
     for row in prange(Hkv * R):
         i = i0 + (row % R) % Lt
         na = min(T, max(0, T - Lq + i + 1))
@@ -678,16 +466,12 @@ def k_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, t
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, levels_flat,
-                  dtab, sbase, tsc, ctab, htab, ptab):
+def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
     """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over one Ecco chunk, channels d0 .. d1-1:
     per block A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
-    block_bits, sb, lb, pb, cb, fb, ps, NL = (ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6],
-                                              ep[7])
-    W = block_bits // 64
     w = d1 - d0
     lv = np.empty(4 * _G, np.float32)
-    lvt = np.empty(64, np.float32)
+    sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(8, np.float32)
     ngroups = (Tc + _G - 1) // _G
     nbad = 0
@@ -701,32 +485,24 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, le
         for r in range(R):
             prow = P[tb + r * T:tb + r * T + n]
             x = _F0
-            for t in range(n):
-                x += prow[t]
+            for k in range(n):
+                x += prow[k]
             psum[r] = x
         d = d0
         while d + 4 <= d1:
-            bb = (h * D + d) * ngroups + g
-            nb4 = _decode4_cs(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups, W,
-                              block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab, sbase,
-                              tsc, ctab, htab, ptab, lv, AB, lvt)
-            if nb4 < 0:
-                nb4 = _decode4_slow(words, bb, bb + ngroups, bb + 2 * ngroups, bb + 3 * ngroups,
-                                    W, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
-                                    dtab, sbase, tsc, ctab, htab, ptab, lv, AB)
-            nbad += nb4
+            nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, AB)
             for r in range(R):
                 prow = P[tb + r * T:tb + r * T + n]
                 x0 = _F0
                 x1 = _F0
                 x2 = _F0
                 x3 = _F0
-                for t in range(n):
-                    pt = prow[t]
-                    x0 += pt * lv0[t]
-                    x1 += pt * lv1[t]
-                    x2 += pt * lv2[t]
-                    x3 += pt * lv3[t]
+                for k in range(n):
+                    pt = prow[k]
+                    x0 += pt * lv0[k]
+                    x1 += pt * lv1[k]
+                    x2 += pt * lv2[k]
+                    x3 += pt * lv3[k]
                 ao = r * w + d - d0
                 pr = psum[r]
                 acc[ao] += AB[0] * x0 + AB[1] * pr
@@ -735,14 +511,12 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep, le
                 acc[ao + 3] += AB[6] * x3 + AB[7] * pr
             d += 4
         while d < d1:
-            nbad += _decode1_cs(words, (h * D + d) * ngroups + g, W, block_bits, sb, lb, pb, cb,
-                                fb, ps, levels_flat, NL, dtab, sbase, tsc, ctab, htab, ptab, lv,
-                                AB, d - d)
+            nbad += decode1(words, (h * D + d) * ngroups + g, t, tsc, sy, lv, 0, AB, 0)
             for r in range(R):
                 prow = P[tb + r * T:tb + r * T + n]
                 x0 = _F0
-                for t in range(n):
-                    x0 += prow[t] * lv0[t]
+                for k in range(n):
+                    x0 += prow[k] * lv0[k]
                 acc[r * w + d - d0] += AB[0] * x0 + AB[1] * psum[r]
             d += 1
     return nbad
@@ -819,7 +593,7 @@ def _v_exact(vx, Te, t0, h, d0, d1, D, P, poff, R, T, acc):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te,
+def _v_item(it, kind, t, G, bits, ch, tsc, vx, Te,
             Tc_tot, P, lsum, R, D, T, dw, out, bad):
     """One V work item (see `v_phase`)."""
     nch = ch.shape[0]
@@ -837,8 +611,7 @@ def _v_item(it, kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, c
         t0c = ch[c, 4]
         if kind == 0:
             words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
-            if _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, ep,
-                             levels_flat, dtab, sbase, tsc[c], ctab, htab, ptab):
+            if _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc[c]):
                 bad[c] = 1
         else:
             is32 = ch[c, 5] == 1
@@ -924,7 +697,7 @@ def _v_reduce_row(row, R, D, it_h, ne, part, lsum, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def v_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, tsc, vx, Te, es,
+def v_phase(kind, t, G, bits, ch, tsc, vx, Te, es,
             Tc_tot, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
     """out[h, r, d] = sum_t p[h, r, t] * V[h, t, d] / lsum[h, r] (0 where lsum == 0).
     kind 0/1: work items (KV head, dw consecutive channels), each over every chunk and the
@@ -941,5 +714,5 @@ def v_phase(kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits, ch, t
     else:
         nd = (D + dw - 1) // dw
         for it in prange(Hkv * nd):
-            _v_item(np.int64(it), kind, ep, levels_flat, dtab, sbase, ctab, htab, ptab, G, bits,
-                    ch, tsc, vx, Te, Tc_tot, P, lsum, R, D, T, dw, out, bad)
+            _v_item(np.int64(it), kind, t, G, bits, ch, tsc, vx, Te, Tc_tot, P, lsum, R, D, T, dw,
+                    out, bad)

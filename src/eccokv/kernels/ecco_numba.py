@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from eccokv.kernels.ecco_core import SYM_STRIDE, G, decode1, decode4, f32_bits
+
 U64 = np.uint64
 _ONE = np.uint64(1)
 
@@ -391,194 +393,90 @@ def _f32_to_f16(u):
 
 
 @njit(inline="always", cache=True)
-def _hdr(words, base, sb, lb, pb, cb, NL, scale_table, ctab, htab):
-    """(mode, scale code, level offset, table offset, A, B) of one block: a level l
-    decodes to l * A + B (A = +/-gs * h, B = +/-gs * c, both float32)."""
-    w0 = words[base]
-    mode = np.int64(w0 & _ONE)
-    s = np.int64((w0 >> np.uint64(2)) & ((np.uint64(1) << np.uint64(sb)) - _ONE))
-    q = np.int64((w0 >> np.uint64(2 + sb)) & ((np.uint64(1) << np.uint64(lb)) - _ONE))
-    p = np.int64((w0 >> np.uint64(2 + sb + lb)) & ((np.uint64(1) << np.uint64(pb)) - _ONE))
-    h = np.int64((w0 >> np.uint64(2 + sb + lb + pb))
-                 & ((np.uint64(1) << np.uint64(cb)) - _ONE))
-    sg = scale_table[s]
-    if (w0 >> _ONE) & _ONE:
-        sg = -sg
-    A = sg * htab[q]
-    B = sg * ctab[q]
-    return mode, s, p, h, A, B
-
-
-@njit(inline="always", cache=True)
-def _patches(words, base, pos, block_bits, ps, ptab, A, B, buf, j0, g):
-    pbits = ps + 8
-    pmask = (np.uint64(1) << np.uint64(ps)) - _ONE
-    while pos + pbits <= block_bits:
-        bits = _peek64(words, base, pos)
-        jp = np.int64(bits & pmask)
-        if jp < g:
-            buf[j0 + jp] = ptab[np.int64((bits >> np.uint64(ps)) & np.uint64(255))] * A + B
-        pos += pbits
-
-
-@njit(inline="always", cache=True)
-def _decode_one(words, base, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL,
-                dtab, scale_table, ctab, htab, ptab, g, buf, j0):
-    """Decode one block into buf[j0:j0+g] (any mode); returns 1 if the code stream
-    overran the block (corrupt data)."""
-    mode, s, p, h, A, B = _hdr(words, base, sb, lb, pb, cb, NL, scale_table, ctab, htab)
-    if s == 0:
-        for j in range(g):
-            buf[j0 + j] = np.float32(0.0)
-        return 0
-    pos = 2 + sb + lb + pb + cb
-    loff = p * NL
-    if mode == 0:
-        toff = h << 8
-        j = 0
-        while j < g:
-            bits = _peek64(words, base, min(pos, block_bits - 1))
-            for _ in range(min(8, g - j)):
-                e = dtab[toff + np.int64(bits & np.uint64(255))]
-                ln = np.int64(e >> 4)
-                buf[j0 + j] = levels_flat[loff + np.int64(e & 15)] * A + B
-                bits >>= np.uint64(ln)
-                pos += ln
-                j += 1
-        if pos > block_bits:
-            return 1
-    else:
-        fmask = (np.uint64(1) << np.uint64(fb)) - _ONE
-        for j in range(g):
-            q = np.int64(_peek64(words, base, pos) & fmask)
-            buf[j0 + j] = levels_flat[loff + (((q + 1) * NL) >> fb) - 1] * A + B
-            pos += fb
-    _patches(words, base, pos, block_bits, ps, ptab, A, B, buf, j0, g)
-    return 0
-
-
-@njit(inline="always", cache=True)
-def _huff8(words, base, pos, toff, dtab, levels_flat, loff, A, B, buf, j0):
-    """Decode 8 symbols (max code length 8) from one 64-bit peek; returns the new pos.
-    All indices are unsigned: numba then skips its negative-index wraparound."""
-    wi = base + (pos >> np.uint64(6))
-    off = pos & np.uint64(63)
-    bits = (words[wi] >> off) | ((words[wi + _ONE] << _ONE) << (np.uint64(63) - off))
-    for t in range(8):
-        e = dtab[toff + (bits & np.uint64(255))]
-        buf[j0 + np.uint64(t)] = levels_flat[loff + np.uint64(e & np.uint16(15))] * A + B
-        ln = np.uint64(e >> np.uint16(4))
-        bits >>= ln
-        pos += ln
-    return pos
-
-
-@njit(inline="always", cache=True)
-def _store(buf, j0, ubuf, b, g, length, ngroups, suffix, out, kind):
-    m = b // ngroups
-    gi = b - m * ngroups
-    pre = m // suffix
-    sfx = m - pre * suffix
-    start = gi * g
-    n = min(g, length - start)
-    off = pre * length * suffix + start * suffix + sfx
+def _put_value(out, i, v, kind):
+    """out[i] = v (float32) as float32 (kind 0) or the bits of bf16 (1) / fp16 (2)."""
     if kind == 0:
-        if suffix == 1:
-            for j in range(n):
-                out[off + j] = buf[j0 + j]
-        else:
-            for j in range(n):
-                out[off + j * suffix] = buf[j0 + j]
+        out[i] = v
     elif kind == 1:
-        for j in range(n):
-            out[off + j * suffix] = _f32_to_bf16(ubuf[j0 + j])
+        out[i] = _f32_to_bf16(f32_bits(v))
     else:
-        for j in range(n):
-            out[off + j * suffix] = _f32_to_f16(ubuf[j0 + j])
+        out[i] = _f32_to_f16(f32_bits(v))
 
 
-@njit(cache=True, parallel=True)
-def decode_blocks(words, nb, block_bits, sb, lb, pb, cb, fb, ps, levels_flat, NL, dtab,
-                  scale_table, ctab, htab, ptab, length, ngroups, suffix, out, kind, bad):
-    """Decode nb blocks of 128 values (max code length 8) straight into the flat output
-    `out` (float32 if kind == 0, else the uint16 bits of bf16 (1) or fp16 (2)), honouring
-    the grouping layout: block b = m * ngroups + gi covers row m's values gi*128.. at
-    stride `suffix` in out. Four Huffman blocks are decoded side by side so their serial
-    bit-stream chains overlap. bad (nb,) uint8: 1 for blocks whose codes overrun."""
-    g = 128
-    W = block_bits // 64
-    hdr = 2 + sb + lb + pb + cb
-    nq = (nb + 3) // 4
-    nthreads = min(nq, 64 * 4)
-    per = (nq + nthreads - 1) // nthreads
-    lim = np.uint64(block_bits - 1)
-    for th in prange(nthreads):
-        buf = np.empty(4 * g, np.float32)
-        ubuf = buf.view(np.uint32)
-        for q in range(th * per, min(nq, (th + 1) * per)):
-            b0 = q * 4
-            fast = False
-            if b0 + 4 <= nb:
-                m0, s0, p0_, h0, A0, B0_ = _hdr(words, b0 * W, sb, lb, pb, cb, NL,
-                                                scale_table, ctab, htab)
-                m1, s1, p1_, h1, A1, B1_ = _hdr(words, (b0 + 1) * W, sb, lb, pb, cb, NL,
-                                                scale_table, ctab, htab)
-                m2, s2, p2_, h2, A2, B2_ = _hdr(words, (b0 + 2) * W, sb, lb, pb, cb, NL,
-                                                scale_table, ctab, htab)
-                m3, s3, p3_, h3, A3, B3_ = _hdr(words, (b0 + 3) * W, sb, lb, pb, cb, NL,
-                                                scale_table, ctab, htab)
-                fast = ((m0 | m1 | m2 | m3) == 0 and s0 != 0 and s1 != 0 and s2 != 0
-                        and s3 != 0)
-            if fast:
-                w0 = np.uint64(b0 * W)
-                w1 = w0 + np.uint64(W)
-                w2 = w1 + np.uint64(W)
-                w3 = w2 + np.uint64(W)
-                l0 = np.uint64(p0_ * NL)
-                l1 = np.uint64(p1_ * NL)
-                l2 = np.uint64(p2_ * NL)
-                l3 = np.uint64(p3_ * NL)
-                t0 = np.uint64(h0 << 8)
-                t1 = np.uint64(h1 << 8)
-                t2 = np.uint64(h2 << 8)
-                t3 = np.uint64(h3 << 8)
-                c0 = np.uint64(hdr)
-                c1 = np.uint64(hdr)
-                c2 = np.uint64(hdr)
-                c3 = np.uint64(hdr)
-                for r in range(16):
-                    j = np.uint64(r * 8)
-                    c0 = _huff8(words, w0, min(c0, lim), t0, dtab, levels_flat, l0, A0, B0_,
-                                buf, j)
-                    c1 = _huff8(words, w1, min(c1, lim), t1, dtab, levels_flat, l1, A1, B1_,
-                                buf, np.uint64(g) + j)
-                    c2 = _huff8(words, w2, min(c2, lim), t2, dtab, levels_flat, l2, A2, B2_,
-                                buf, np.uint64(2 * g) + j)
-                    c3 = _huff8(words, w3, min(c3, lim), t3, dtab, levels_flat, l3, A3, B3_,
-                                buf, np.uint64(3 * g) + j)
-                e0 = np.int64(c0)
-                e1 = np.int64(c1)
-                e2 = np.int64(c2)
-                e3 = np.int64(c3)
-                bad[b0] = e0 > block_bits
-                bad[b0 + 1] = e1 > block_bits
-                bad[b0 + 2] = e2 > block_bits
-                bad[b0 + 3] = e3 > block_bits
-                if e0 <= block_bits:
-                    _patches(words, b0 * W, e0, block_bits, ps, ptab, A0, B0_, buf, 0, g)
-                if e1 <= block_bits:
-                    _patches(words, (b0 + 1) * W, e1, block_bits, ps, ptab, A1, B1_, buf, g, g)
-                if e2 <= block_bits:
-                    _patches(words, (b0 + 2) * W, e2, block_bits, ps, ptab, A2, B2_, buf,
-                             2 * g, g)
-                if e3 <= block_bits:
-                    _patches(words, (b0 + 3) * W, e3, block_bits, ps, ptab, A3, B3_, buf,
-                             3 * g, g)
-                for i in range(4):
-                    _store(buf, i * g, ubuf, b0 + i, g, length, ngroups, suffix, out, kind)
+@njit(cache=True, error_model="numpy")
+def _store_rows(lv, AB, nblk, m0, gi, length, ngroups, suffix, out, kind):
+    """Write decoded blocks of rows m0 .. m0+nblk-1 (group gi of each; consecutive rows,
+    so consecutive positions when suffix > 1) to the flat output: value = level * A + B,
+    rounded to float32 after the multiply and after the add (no FMA: bit-identical to
+    the reference decoder)."""
+    start = gi * G
+    n = min(G, length - start)
+    if suffix == 1:
+        for i in range(nblk):
+            m = m0 + i
+            off = m * length + start
+            A = AB[2 * i]
+            B = AB[2 * i + 1]
+            src = lv[i * G:i * G + n]
+            if kind == 0:
+                dst = out[off:off + n]
+                for j in range(n):
+                    dst[j] = np.float32(src[j] * A) + B
             else:
-                for b in range(b0, min(nb, b0 + 4)):
-                    bad[b] = _decode_one(words, b * W, block_bits, sb, lb, pb, cb, fb, ps,
-                                         levels_flat, NL, dtab, scale_table, ctab, htab, ptab,
-                                         g, buf, 0)
-                    _store(buf, 0, ubuf, b, g, length, ngroups, suffix, out, kind)
+                for j in range(n):
+                    _put_value(out, off + j, np.float32(src[j] * A) + B, kind)
+        return
+    pre = m0 // suffix
+    s0 = m0 - pre * suffix
+    base = pre * length * suffix + start * suffix + s0
+    for j in range(n):
+        o = base + j * suffix
+        for i in range(nblk):
+            _put_value(out, o + i, np.float32(lv[i * G + j] * AB[2 * i]) + AB[2 * i + 1], kind)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def decode_blocks(words, nb, t, tsc, length, ngroups, suffix, out, kind, bad):
+    """Decode nb Ecco blocks straight into the flat output `out` (float32 if kind == 0,
+    else the uint16 bits of bf16 (1) or fp16 (2)) in the grouping layout: block
+    b = m * ngroups + gi holds row m's values gi*128 .. at stride `suffix` (row m =
+    p * suffix + s). Work items are tiles of up to 16 consecutive rows at one group (16
+    channels of one token group when suffix > 1, so stores fill whole cache lines),
+    decoded four blocks at a time by the shared core. bad (nb,) uint8: 1 for corrupt
+    blocks (code stream overruns; nothing else is read past)."""
+    nrows = nb // ngroups
+    TR = 16
+    if suffix == 1:
+        TR = 4
+    # tiles never cross a row block of `suffix` rows (their outputs are then contiguous)
+    tiles_per = (suffix + TR - 1) // TR if suffix > 1 else (nrows + TR - 1) // TR
+    nblocks_rows = nrows // suffix if suffix > 1 else 1
+    ntiles = tiles_per * nblocks_rows * ngroups
+    for it in prange(ntiles):
+        sy = np.empty(4 * SYM_STRIDE, np.uint8)
+        lv = np.empty(TR * G, np.float32)
+        AB = np.empty(2 * TR, np.float32)
+        gi = it % ngroups
+        rt = it // ngroups
+        if suffix > 1:
+            pr = rt // tiles_per
+            m0 = pr * suffix + (rt - pr * tiles_per) * TR
+            m1 = min(pr * suffix + suffix, m0 + TR)
+        else:
+            m0 = rt * TR
+            m1 = min(nrows, m0 + TR)
+        i = 0
+        while i < m1 - m0:
+            b = (m0 + i) * ngroups + gi
+            if i + 4 <= m1 - m0:
+                nbad = decode4(words, b, b + ngroups, b + 2 * ngroups, b + 3 * ngroups, t, tsc,
+                               sy, lv[i * G:], AB[2 * i:])
+                if nbad != 0:
+                    for k in range(4):
+                        bad[b + k * ngroups] = decode1(words, b + k * ngroups, t, tsc, sy,
+                                                       lv, (i + k) * G, AB, i + k)
+                i += 4
+            else:
+                bad[b] = decode1(words, b, t, tsc, sy, lv, i * G, AB, i)
+                i += 1
+        _store_rows(lv, AB, m1 - m0, m0, gi, length, ngroups, suffix, out, kind)
