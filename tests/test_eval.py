@@ -74,8 +74,7 @@ def text(n_words: int, seed: int = 0) -> str:
 def test_ppl_protocol_none_equals_dynamic_cache(model):
     ids = windows(1, 200)
     ref, _ = ppl.score_window(model, ids, 160, DynamicCache(config=model.config))
-    got, bits = ppl.score_window(model, ids, 160, EccoCache(model.config, "none",
-                                                            residual_length=16),
+    got, bits = ppl.score_window(model, ids, 160, common.make_cache("none", model.config, 16),
                                  values_per_token=common.values_per_token(model))
     assert torch.equal(ref, got)
     assert ref.shape == (40,) and torch.isfinite(ref).all()
@@ -153,6 +152,32 @@ def test_quantized_cache_rows_and_bits(model):
     assert cfg["axis_key"] == -1 and cfg["q_group_size"] == 64 and cfg["residual_length"] == 128
 
 
+def test_cache_names_default_to_what_users_get(model, monkeypatch):
+    import eccokv.kernels.attention as KA
+
+    calls = []
+    real = KA.fused_attention
+    monkeypatch.setattr(KA, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = common.make_cache("ecco4", model.config, 16)
+    assert isinstance(c, EccoCache) and model.config._attn_implementation == "eccokv"
+    with torch.no_grad():
+        for t in (150, 1, 1):
+            model(windows(1, t, seed=t), past_key_values=c)
+    assert calls  # the fused path ran
+    lay = c.layers[0]
+    assert lay.k.held.dtype == torch.bfloat16 and lay.attn_config is model.config
+    assert common.parse_name("ecco4@fp32+decode") == (
+        "ecco4", {"exact_dtype": torch.float32, "fused": False})
+    assert common.parse_name("none") == ("none", {"exact_dtype": torch.float32})
+    assert common.parse_name("kivi2+fused") == ("kivi2", {"fused": True})
+    assert common.describe_cache("ecco4+decode", 128)["attention"] == "decode"
+    assert common.describe_cache("ecco4@fp16", 128)["exact_dtype"] == "float16"
+    assert common.family("ecco4@bf16+decode") == "ecco"
+    for bad in ("ecco4+slow", "ecco4@fp8"):
+        with pytest.raises(ValueError, match="cache name"):
+            common.make_cache(bad, model.config, 16)
+
+
 # ------------------------------------------------------------------ accounting, statistics
 
 
@@ -166,7 +191,7 @@ def test_cache_bits_accounting(model):
     assert b.compressed_values + b.exact_values == 2 * 2 * 300 * vpt
     assert b.compressed_values == 2 * 2 * 256 * vpt  # (300 - 4 sink - 20) -> 2 groups of 128
     assert b.compressed_bytes + b.exact_bytes == rep["total_bytes"]
-    assert b.exact_bytes == b.exact_values * 4  # float32 window and sinks
+    assert b.exact_bytes == b.exact_values * 2  # window and sinks: 16 bits by default
     assert 4.25 <= b.compressed_bits_per_value < 4.4  # 4 bits + fp16 scale/zero per 128
     d = common.cache_bits(common.replay(DynamicCache(config=model.config), kv), vpt)
     assert d.compressed_values == 0 and d.cache_bits_per_value == 32.0

@@ -2,7 +2,12 @@
 its replay into a cache, greedy decoding, the paired bootstrap, provenance, report files.
 
 Cache names (`make_cache`):
-- any codec name or cache preset that `EccoCache` takes ("none", "ecco4", "kivi2", ...);
+- any codec name or cache preset that `EccoCache` takes ("none", "ecco4", "kivi2", ...),
+  run as users get it: fused attention (the default), exact sink and window at 16 bits;
+  optional suffixes: "@fp32" / "@bf16" / "@fp16" store the exact sink and window in that
+  dtype, "+decode" decodes the compressed part at every step instead of fused attention
+  ("+fused", the default, is accepted too). "none" is the lossless reference: its exact
+  parts stay in float32 unless a suffix says otherwise;
 - "dynamic": transformers' plain `DynamicCache`;
 - "hf-quanto-int4", "hf-quanto-int2": transformers' built-in `QuantizedCache` with the
   quanto backend and its documented defaults (q_group_size 64, axis_key 0, axis_value 0,
@@ -13,7 +18,6 @@ Cache names (`make_cache`):
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import re
@@ -83,15 +87,39 @@ def hf_settings(name: str) -> dict[str, Any]:
     return kw
 
 
-def make_cache(name: str, config: Any, residual: int, fused: bool | None = False) -> Any:
+EXACT_SUFFIXES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATH_SUFFIXES = {"fused": True, "decode": False}
+
+
+def parse_name(name: str) -> tuple[str, dict[str, Any]]:
+    """"ecco4@fp32+decode" -> ("ecco4", {"exact_dtype": torch.float32, "fused": False}):
+    an EccoCache name's codec and the options its suffixes set (module docstring)."""
+    opts: dict[str, Any] = {}
+    base, *paths = name.split("+")
+    for p in paths:
+        if p not in PATH_SUFFIXES:
+            raise ValueError(f"unknown suffix +{p} in cache name {name!r}: expected "
+                             + " or ".join(f"+{k}" for k in PATH_SUFFIXES))
+        opts["fused"] = PATH_SUFFIXES[p]
+    if "@" in base:
+        base, dt = base.split("@", 1)
+        if dt not in EXACT_SUFFIXES:
+            raise ValueError(f"unknown exact dtype @{dt} in cache name {name!r}: expected "
+                             + ", ".join(f"@{k}" for k in EXACT_SUFFIXES))
+        opts["exact_dtype"] = EXACT_SUFFIXES[dt]
+    elif base == "none":
+        opts["exact_dtype"] = torch.float32  # the lossless reference
+    return base, opts
+
+
+def make_cache(name: str, config: Any, residual: int, fused: bool | None = None) -> Any:
     """A fresh cache for `name` (see the module docstring); `residual` is EccoCache's exact
     window (QuantizedCache rows keep their own residual_length of 128).
 
-    fused: EccoCache's fused-attention switch where this version has one (it switches the
-    model's attention implementation, shared through the config, to eccokv's kernels).
-    False (default): every step decodes the compressed part and the model's own attention
-    reads it, the reference semantics, and the model is left untouched; None: the
-    EccoCache default."""
+    fused: None (default) = what the name says (fused attention unless "+decode", as
+    users get it; the model's attention implementation, shared through the config, is
+    switched to "eccokv", which runs every other cache bit for bit as before); True/False
+    overrides the name."""
     if name == "dynamic":
         from transformers import DynamicCache
 
@@ -104,10 +132,10 @@ def make_cache(name: str, config: Any, residual: int, fused: bool | None = False
         return QuantizedCache(backend, config, **kw)
     from eccokv.hf.cache import EccoCache
 
-    kw: dict[str, Any] = {}
-    if fused is not None and "fused" in inspect.signature(EccoCache.__init__).parameters:
-        kw["fused"] = fused
-    return EccoCache(config, name, residual_length=residual, **kw)
+    codec, opts = parse_name(name)
+    if fused is not None:
+        opts["fused"] = fused
+    return EccoCache(config, codec, residual_length=residual, **opts)
 
 
 def describe_cache(name: str, residual: int) -> dict[str, Any]:
@@ -117,10 +145,16 @@ def describe_cache(name: str, residual: int) -> dict[str, Any]:
     if is_hf(name):
         return {"cache": "transformers.cache_utils.QuantizedCache", **hf_settings(name)}
     from eccokv.hf import spec as S
+    from eccokv.hf.cache import DEFAULT_EXACT_DTYPE
 
-    spec = S.layer_spec(name)
-    return {"cache": "eccokv.EccoCache", "codec": name, "residual_length": residual,
+    codec, opts = parse_name(name)
+    spec = S.layer_spec(codec)
+    exact = opts.get("exact_dtype")
+    return {"cache": "eccokv.EccoCache", "codec": codec, "residual_length": residual,
             "sink_tokens": getattr(S, "DEFAULT_SINK", 0),
+            "attention": "fused" if opts.get("fused", True) else "decode",
+            "exact_dtype": str(exact or DEFAULT_EXACT_DTYPE).replace("torch.", "")
+            + ("" if exact else " (float32 models; 16-bit models keep theirs)"),
             "key": spec.key.describe(), "value": spec.value.describe()}
 
 
@@ -128,6 +162,7 @@ def family(name: str) -> str:
     """Method family for tables and plots."""
     if is_hf(name):
         return "hf QuantizedCache (quanto)"
+    name = parse_name(name)[0] if name != "dynamic" else name
     for prefix, fam in (("ecco", "ecco"), ("kivi", "kivi"), ("int", "int g128"),
                         ("fp8", "fp8")):
         if name.startswith(prefix):
@@ -171,7 +206,7 @@ class Bits:
 
     @property
     def cache_bits_per_value(self) -> float | None:
-        """Whole cache: compressed part plus the exact window as stored (model dtype)."""
+        """Whole cache: compressed part plus the exact window as stored (`exact_dtype`)."""
         n = self.compressed_values + self.exact_values
         return 8.0 * (self.compressed_bytes + self.exact_bytes) / n if n else None
 

@@ -1,10 +1,10 @@
 """`eccokv eval memory`: peak RSS of a long generation, EccoCache vs DynamicCache.
 
-Each cache ("dynamic", a codec such as "ecco4" with the reference decode-then-attend path,
-or "ecco4+fused": EccoCache's default, fused attention where this version has it) runs in
-its own fresh Python process (`python -m eccokv.eval.memory --worker ...`): load the
-model, prefill a ~7K-token Wikipedia prompt through the cache in chunks of 1024 tokens,
-generate `new_tokens` greedily, then report
+Each cache ("dynamic", a codec such as "ecco4": EccoCache as users get it, fused
+attention and a 16-bit exact window, or "ecco4+decode": the decode-then-attend path; any
+name `common.make_cache` takes) runs in its own fresh Python process (`python -m
+eccokv.eval.memory --worker ...`): load the model, prefill a ~7K-token Wikipedia prompt
+through the cache in chunks of 1024 tokens, generate `new_tokens` greedily, then report
 
 - peak RSS = `resource.getrusage(RUSAGE_SELF).ru_maxrss` of that process (whole run,
   model loading included);
@@ -30,7 +30,7 @@ from typing import Any
 from eccokv.eval import common as E
 from eccokv.hf.cache import kv_bytes
 
-DEFAULT_KINDS = ("dynamic", "ecco4", "ecco4+fused")  # +fused: EccoCache's default attention
+DEFAULT_KINDS = ("dynamic", "ecco4", "ecco4+decode")  # ecco4: the default, fused attention
 
 
 def _rss_status() -> dict[str, int | None]:
@@ -74,8 +74,7 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int, chun
                                                        for k, v in _rss_status().items()}}
     reset = _reset_hwm()
     t1 = time.perf_counter()
-    name, fused = (kind[:-6], None) if kind.endswith("+fused") else (kind, False)
-    cache = E.make_cache(name, model.config, residual, fused=fused)
+    cache = E.make_cache(kind, model.config, residual)
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
             logits = E.forward_last(model, ids[:, s:s + chunk], cache)
@@ -83,7 +82,7 @@ def worker(kind: str, model_name: str, prompt_tokens: int, new_tokens: int, chun
         out = E.greedy(model, cache, logits, new_tokens)
     t3 = time.perf_counter()
     st = _rss_status()
-    cfg = dict(E.describe_cache(name, residual),
+    cfg = dict(E.describe_cache(kind, residual),
                attn_implementation=getattr(model.config, "_attn_implementation", None))
     return {"kind": kind, "config": cfg, "article": title,
             "prompt_tokens": int(ids.shape[1]), "new_tokens": len(out),
@@ -145,7 +144,7 @@ def run(model_name: str = "smollm2", kinds: Sequence[str] = DEFAULT_KINDS,
 def check_targets(by: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Peak RSS with ecco4 (each variant measured) measurably lower than with DynamicCache."""
     d = by.get("dynamic")
-    kinds = [k for k in by if k.split("+")[0] == "ecco4"]
+    kinds = [k for k in by if E.parse_name(k)[0] == "ecco4"]
     if d is None or not kinds:
         return [{"target": "peak RSS with ecco4 lower than DynamicCache", "met": None,
                  "detail": "needs both ecco4 and dynamic"}]

@@ -314,8 +314,10 @@ PROTOCOL = (
     "calls a prefill forward makes (identical state; checked by the tests). "
     "Bits/value: every byte of the compressed part (codes, scales, block and chunk "
     "metadata; quanto: packed codes + scales + shifts) over the compressed values, and the "
-    "whole cache including the exact window as stored (float32 here), measured on the "
-    "cache the scored tokens read.")
+    "whole cache including the exact sink and window as stored (EccoCache: 16 bits by "
+    "default, a @fp32/@bf16/@fp16 suffix sets it; `none` keeps float32), measured on the "
+    "cache the scored tokens read. Scoring steps of more than 32 tokens use the decoded "
+    "path (EccoCache does so for such steps).")
 
 
 def to_markdown(result: dict[str, Any]) -> str:

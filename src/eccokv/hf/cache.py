@@ -158,7 +158,9 @@ class _Stream:
         """The fused kernel's exact tail [B, H, sink + window + S, D]: `new` unrounded."""
         if nxt.full.dtype == new.dtype:
             return nxt.full
-        return torch.cat([self.held, new], -2)  # promoted: the 16-bit part is exact in it
+        tail = nxt.full.to(new.dtype)  # the stored part, exactly
+        tail[:, :, -new.shape[-2]:] = new
+        return tail
 
     # -- appending ---------------------------------------------------------------------
     def plan(self, new: torch.Tensor, g: int) -> _Next:
@@ -329,7 +331,9 @@ class EccoLayer(CacheLayerMixin):
                                                                        s.held.shape[3]):
                     raise ValueError(f"{name} states {tuple(x.shape)}: kv_heads/head_dim "
                                      f"differ from the cache's {tuple(s.held.shape)}")
-        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        # one sum is finite iff every value is (barring overflow: then the exact check)
+        if not math.isfinite(float(k.sum() + v.sum())) and not (
+                bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
             raise ValueError("K/V states contain NaN or Inf; the cache is left unchanged")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
