@@ -42,12 +42,14 @@ print(json.dumps({"compiled": warmup.compiled_since(before),
 """
 
 
-def _run(code: str, cache: Path, extra: dict | None = None) -> dict:
+def _run(code: str, cache: Path, extra: dict | None = None, log: list | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "ECCOKV_"))}
     env.update(PYTHONPATH=str(SRC), ECCOKV_CACHE=str(cache), **(extra or {}))
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
+    if log is not None:
+        log.extend(p.stdout.splitlines())
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -88,6 +90,10 @@ def test_after_warmup_a_fresh_process_compiles_nothing(tmp_path):
         """, cache)
     assert res["compiled"] and res["done"]
     assert res["dir"].startswith(str(cache))
-    use = _run(USE, cache, {"NUMBA_DEBUG_CACHE": "0"})
+    log: list[str] = []
+    use = _run(USE, cache, {"NUMBA_DEBUG_CACHE": "1"}, log)
     assert use["compiled"] == {}, use
     assert use["hits"] > 0
+    # numba's own cache log agrees: entries loaded, none saved (a save follows a compile)
+    assert any("data loaded" in line for line in log)
+    assert not [line for line in log if "data saved" in line or "index saved" in line]
