@@ -102,6 +102,11 @@ _P4 = np.float32(1.6666665459e-1)
 _P5 = np.float32(5.0000001201e-1)
 _HALF = np.float32(0.5)
 _XMIN = np.float32(-87.0)
+# Softmax weights below exp(-60) (relative to the row's largest, 1) are set to 0: they
+# cannot change a float32 result, while products of such weights with small levels are
+# subnormal numbers, which this CPU handles by microcode assists (the V pass ran 1.7x
+# slower on real softmax rows than on the same data with normal weights).
+_CUT = np.float32(-60.0)
 
 
 @njit(inline="always", cache=True)
@@ -196,13 +201,29 @@ def _unpack(codes, i0, n, bits, out):
 
 
 @njit(inline="always", cache=True)
-def _quad(words, b, stride, t, tsc, sy, lv, AB):
+def _scratch(nlv):
+    """(lv float32 [nlv], sy uint8 [4 * SYM_STRIDE]) carved from one buffer so that sy's
+    addresses never share their low 12 bits with lv's (4K aliasing made the decode core's
+    loads of sy wait for unrelated stores to lv: up to 2x slower here)."""
+    nb = ((4 * nlv + 4095) // 4096) * 4096
+    buf = np.empty(nb + 4096 + 4 * SYM_STRIDE + 64, np.uint8)
+    a = buf.ctypes.data
+    o = (64 - (a & 63)) & 63
+    lv = buf[o:o + 4 * nlv].view(np.float32)
+    so = o + nb + 2048  # half a page away from every lv address
+    return lv, buf[so:so + 4 * SYM_STRIDE]
+
+
+@njit(inline="always", cache=True)
+def _quad(words, b, stride, t, tsc, sy, lv, lo, AB, i0):
     """Blocks b, b + stride, b + 2 stride, b + 3 stride through the shared decode core
-    (code-space levels -> lv[0:512], A/B -> AB[0:8]); returns the corrupt-block count."""
-    n = decode4(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv, AB)
+    (code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]); returns the
+    corrupt-block count."""
+    n = decode4(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv, lo, AB,
+                i0)
     if n < 0:
         n = decode4_slow(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv,
-                         AB)
+                         lo, AB, i0)
     return n
 
 
@@ -217,9 +238,9 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     per group. Four channels are decoded side by side and each channel's blocks are
     walked in order (block of channel d, group g = (h*D + d) * ngroups + g). Returns the
     number of corrupt blocks."""
-    lv = np.empty(4 * _G, np.float32)
-    sy = np.empty(4 * SYM_STRIDE, np.uint8)
-    AB = np.empty(8, np.float32)
+    # all ng quads of a channel quad are decoded first, then used
+    lv, sy = _scratch(ng * 4 * _G)
+    AB = np.empty(ng * 8, np.float32)
     cB = np.zeros(R * ng, np.float32)
     ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
     for r in range(R):
@@ -228,23 +249,35 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     d = 0
     while d + 4 <= D:
         for gi in range(ng):
+            nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv,
+                          gi * 4 * _G, AB, gi * 4)
+        for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
-            nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv, AB)
-            lv0 = lv[0:n]
-            lv1 = lv[_G:_G + n]
-            lv2 = lv[2 * _G:2 * _G + n]
-            lv3 = lv[3 * _G:3 * _G + n]
+            q0 = np.uint64(gi * 4 * _G)
+            a8 = gi * 8
+            A0 = AB[a8]
+            A1 = AB[a8 + 2]
+            A2 = AB[a8 + 4]
+            A3 = AB[a8 + 6]
+            Bq = np.uint64(a8)
             for r in range(R):
-                qr = qf[qoff + r * D + d:qoff + r * D + d + 4]
-                a0 = qr[0] * AB[0]
-                a1 = qr[1] * AB[2]
-                a2 = qr[2] * AB[4]
-                a3 = qr[3] * AB[6]
-                cB[r * ng + gi] += qr[0] * AB[1] + qr[1] * AB[3] + qr[2] * AB[5] + qr[3] * AB[7]
-                so = soff + r * T + gi * _G
-                srow = S[so:so + n]
+                qo = qoff + r * D + d
+                q_0 = qf[qo]
+                q_1 = qf[qo + 1]
+                q_2 = qf[qo + 2]
+                q_3 = qf[qo + 3]
+                a0 = q_0 * A0
+                a1 = q_1 * A1
+                a2 = q_2 * A2
+                a3 = q_3 * A3
+                cB[r * ng + gi] += (q_0 * AB[Bq + np.uint64(1)] + q_1 * AB[Bq + np.uint64(3)]
+                                    + q_2 * AB[Bq + np.uint64(5)] + q_3 * AB[Bq + np.uint64(7)])
+                so = np.uint64(soff + r * T + gi * _G)
                 for k in range(n):
-                    srow[k] += (a0 * lv0[k] + a1 * lv1[k]) + (a2 * lv2[k] + a3 * lv3[k])
+                    uk = np.uint64(k)
+                    S[so + uk] += ((a0 * lv[q0 + uk] + a1 * lv[q0 + np.uint64(_G) + uk])
+                                   + (a2 * lv[q0 + np.uint64(2 * _G) + uk]
+                                      + a3 * lv[q0 + np.uint64(3 * _G) + uk]))
         d += 4
     while d < D:
         for gi in range(ng):
@@ -375,7 +408,9 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
             m = max(m, xa[t])
         lsum = _F0
         for t in range(na):
-            e = _expf(max(xa[t] - m, _XMIN))
+            z = xa[t] - m
+            e = _expf(max(z, _XMIN))
+            e = e if z > _CUT else _F0
             xa[t] = e
             lsum += e
         return lsum
@@ -395,7 +430,9 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
         return _F0
     lsum = _F0
     for t in range(T):
-        e = _expf(min(max(x[t] - m, _XMIN), _F0))
+        z = x[t] - m
+        e = _expf(min(max(z, _XMIN), _F0))
+        e = e if z > _CUT else _F0
         e = e if al[t] != 0 else _F0
         x[t] = e
         lsum += e
@@ -479,9 +516,6 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc
         n = min(_G, Tc - g * _G)
         tb = poff + t0c + g * _G
         lv0 = lv[0:n]
-        lv1 = lv[_G:_G + n]
-        lv2 = lv[2 * _G:2 * _G + n]
-        lv3 = lv[3 * _G:3 * _G + n]
         for r in range(R):
             prow = P[tb + r * T:tb + r * T + n]
             x = _F0
@@ -490,19 +524,20 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc
             psum[r] = x
         d = d0
         while d + 4 <= d1:
-            nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, AB)
+            nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, 0, AB, 0)
             for r in range(R):
-                prow = P[tb + r * T:tb + r * T + n]
+                pb = np.uint64(tb + r * T)
                 x0 = _F0
                 x1 = _F0
                 x2 = _F0
                 x3 = _F0
                 for k in range(n):
-                    pt = prow[k]
-                    x0 += pt * lv0[k]
-                    x1 += pt * lv1[k]
-                    x2 += pt * lv2[k]
-                    x3 += pt * lv3[k]
+                    uk = np.uint64(k)
+                    pt = P[pb + uk]
+                    x0 += pt * lv[uk]
+                    x1 += pt * lv[np.uint64(_G) + uk]
+                    x2 += pt * lv[np.uint64(2 * _G) + uk]
+                    x3 += pt * lv[np.uint64(3 * _G) + uk]
                 ao = r * w + d - d0
                 pr = psum[r]
                 acc[ao] += AB[0] * x0 + AB[1] * pr

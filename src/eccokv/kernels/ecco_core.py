@@ -149,7 +149,17 @@ def lut16(typingctx, table, tofs, syms, sofs, out, oofs):
         idx = builder.zext(builder.load(ptr(2, b16), align=1), i16)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f16, [f16, i16]),
                                             "llvm.x86.avx512.permvar.sf.512")
-        builder.store(builder.call(fn, [tv, idx]), ptr(4, f16), align=4)
+        r = builder.call(fn, [tv, idx])
+        # two 256-bit stores: the consumers' vectorised loops read 256-bit vectors, which
+        # store forwarding serves from a store of the same width (a 512-bit store stalled)
+        f8 = ir.VectorType(ir.FloatType(), 8)
+        lo = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                     list(range(8))))
+        hi = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                     list(range(8, 16))))
+        p8 = ptr(4, f8)
+        builder.store(lo, p8, align=4)
+        builder.store(hi, builder.gep(p8, [ir.Constant(ir.IntType(64), 1)]), align=4)
         return context.get_dummy_value()
 
     return types.void(table, tofs, syms, sofs, out, oofs), codegen
@@ -422,47 +432,51 @@ def decode1(words, b, t, tsc, sy, lv, lo, AB, i):
 
 
 @njit(cache=True, error_model="numpy")
-def decode4_slow(words, b0, b1, b2, b3, t, tsc, sy, lv, AB):
+def decode4_slow(words, b0, b1, b2, b3, t, tsc, sy, lv, lo, AB, i0):
     """`decode4` one block at a time (a quad with an all-zero or always-fits block; kept
     out of line so the fast path's registers stay free)."""
-    return (decode1(words, b0, t, tsc, sy, lv, 0, AB, 0)
-            + decode1(words, b1, t, tsc, sy, lv, G, AB, 1)
-            + decode1(words, b2, t, tsc, sy, lv, 2 * G, AB, 2)
-            + decode1(words, b3, t, tsc, sy, lv, 3 * G, AB, 3))
+    return (decode1(words, b0, t, tsc, sy, lv, lo, AB, i0)
+            + decode1(words, b1, t, tsc, sy, lv, lo + G, AB, i0 + 1)
+            + decode1(words, b2, t, tsc, sy, lv, lo + 2 * G, AB, i0 + 2)
+            + decode1(words, b3, t, tsc, sy, lv, lo + 3 * G, AB, i0 + 3))
 
 
 @njit(inline="always", cache=True)
-def decode4(words, b0, b1, b2, b3, t, tsc, sy, lv, AB):
-    """Decode blocks b0..b3 in code space: block i's levels -> lv[128 i : 128 i + 128],
-    its A, B -> AB[2i], AB[2i+1]. Four Huffman blocks run side by side. sy: uint8 scratch of
-    4 * SYM_STRIDE. Returns the number of corrupt (overrunning) blocks, or -1 (nothing
-    decoded) for a quad with an all-zero or always-fits block: the caller then runs
+def decode4(words, b0, b1, b2, b3, t, tsc, sy, lv, lo, AB, i0):
+    """Decode blocks b0..b3 in code space: block k's levels -> lv[lo + 128 k ...], its A, B
+    -> AB[2 (i0 + k)], AB[2 (i0 + k) + 1] (offsets, not slices: passing array slices into
+    this inlined core made it ~1.7x slower here). Four Huffman blocks run side by side.
+    sy: uint8 scratch of 4 * SYM_STRIDE. Returns the number of corrupt (overrunning)
+    blocks, or -1 (results unusable) for a quad with an all-zero or always-fits block:
+    the caller then runs
     `decode4_slow` (a call inside this function slowed its hot loop ~1.5x here)."""
     m0, s0, p0, h0, A0, B0 = header(words, b0, t, tsc)
     m1, s1, p1, h1, A1, B1 = header(words, b1, t, tsc)
     m2, s2, p2, h2, A2, B2 = header(words, b2, t, tsc)
     m3, s3, p3, h3, A3, B3 = header(words, b3, t, tsc)
-    if (m0 | m1 | m2 | m3) != 0 or s0 == 0 or s1 == 0 or s2 == 0 or s3 == 0:
-        return -1
-    AB[0] = A0
-    AB[1] = B0
-    AB[2] = A1
-    AB[3] = B1
-    AB[4] = A2
-    AB[5] = B2
-    AB[6] = A3
-    AB[7] = B3
+    AB[2 * i0 + 0] = A0
+    AB[2 * i0 + 1] = B0
+    AB[2 * i0 + 2] = A1
+    AB[2 * i0 + 3] = B1
+    AB[2 * i0 + 4] = A2
+    AB[2 * i0 + 5] = B2
+    AB[2 * i0 + 6] = A3
+    AB[2 * i0 + 7] = B3
     e0, e1, e2, e3 = symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy)
     # a corrupt block's symbols are still table entries (in range) and its patch loop
     # does not run (pos > block_bits): no branches needed here
-    levels_of(sy, 0, t, p0, lv, 0)
-    levels_of(sy, SYM_STRIDE, t, p1, lv, G)
-    levels_of(sy, 2 * SYM_STRIDE, t, p2, lv, 2 * G)
-    levels_of(sy, 3 * SYM_STRIDE, t, p3, lv, 3 * G)
-    patches(words, b0, e0, t, lv, 0)
-    patches(words, b1, e1, t, lv, G)
-    patches(words, b2, e2, t, lv, 2 * G)
-    patches(words, b3, e3, t, lv, 3 * G)
+    levels_of(sy, 0, t, p0, lv, lo)
+    levels_of(sy, SYM_STRIDE, t, p1, lv, lo + G)
+    levels_of(sy, 2 * SYM_STRIDE, t, p2, lv, lo + 2 * G)
+    levels_of(sy, 3 * SYM_STRIDE, t, p3, lv, lo + 3 * G)
+    patches(words, b0, e0, t, lv, lo)
+    patches(words, b1, e1, t, lv, lo + G)
+    patches(words, b2, e2, t, lv, lo + 2 * G)
+    patches(words, b3, e3, t, lv, lo + 3 * G)
     BB = t.block_bits
     nbad = np.int64(e0 > BB) + np.int64(e1 > BB) + np.int64(e2 > BB) + np.int64(e3 > BB)
+    # checked last (decoding any block as Huffman is safe): a quad with an all-zero or
+    # always-fits block is redone by the caller
+    if (m0 | m1 | m2 | m3) != 0 or s0 == 0 or s1 == 0 or s2 == 0 or s3 == 0:
+        return -1
     return nbad

@@ -470,7 +470,7 @@ def decode_blocks(words, nb, t, tsc, length, ngroups, suffix, out, kind, bad):
             b = (m0 + i) * ngroups + gi
             if i + 4 <= m1 - m0:
                 nbad = decode4(words, b, b + ngroups, b + 2 * ngroups, b + 3 * ngroups, t, tsc,
-                               sy, lv[i * G:], AB[2 * i:])
+                               sy, lv, i * G, AB, i)
                 if nbad != 0:
                     for k in range(4):
                         bad[b + k * ngroups] = decode1(words, b + k * ngroups, t, tsc, sy,
