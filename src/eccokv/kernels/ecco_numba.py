@@ -429,10 +429,24 @@ def _store_rows(lv, AB, nblk, m0, gi, length, ngroups, suffix, out, kind):
     pre = m0 // suffix
     s0 = m0 - pre * suffix
     base = pre * length * suffix + start * suffix + s0
-    for j in range(n):
-        o = base + j * suffix
-        for i in range(nblk):
-            _put_value(out, o + i, np.float32(lv[i * G + j] * AB[2 * i]) + AB[2 * i + 1], kind)
+    # values block by block (vectorised), in place, then a transposing copy whose stores
+    # are contiguous runs of nblk values (one cache line for 16 float32 channels)
+    for i in range(nblk):
+        A = AB[2 * i]
+        B = AB[2 * i + 1]
+        src = lv[i * G:i * G + n]
+        for j in range(n):
+            src[j] = np.float32(src[j] * A) + B
+    if kind == 0:
+        for j in range(n):
+            dst = out[base + j * suffix:base + j * suffix + nblk]
+            for i in range(nblk):
+                dst[i] = lv[i * G + j]
+    else:
+        for j in range(n):
+            o = base + j * suffix
+            for i in range(nblk):
+                _put_value(out, o + i, lv[i * G + j], kind)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
