@@ -201,20 +201,6 @@ def _unpack(codes, i0, n, bits, out):
 
 
 @njit(inline="always", cache=True)
-def _scratch(nlv):
-    """(lv float32 [nlv], sy uint8 [4 * SYM_STRIDE]) carved from one buffer so that sy's
-    addresses never share their low 12 bits with lv's (4K aliasing made the decode core's
-    loads of sy wait for unrelated stores to lv: up to 2x slower here)."""
-    nb = ((4 * nlv + 4095) // 4096) * 4096
-    buf = np.empty(nb + 4096 + 4 * SYM_STRIDE + 64, np.uint8)
-    a = buf.ctypes.data
-    o = (64 - (a & 63)) & 63
-    lv = buf[o:o + 4 * nlv].view(np.float32)
-    so = o + nb + 2048  # half a page away from every lv address
-    return lv, buf[so:so + 4 * SYM_STRIDE]
-
-
-@njit(inline="always", cache=True)
 def _quad(words, b, stride, t, tsc, sy, lv, lo, AB, i0):
     """Blocks b, b + stride, b + 2 stride, b + 3 stride through the shared decode core
     (code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]); returns the
@@ -238,8 +224,9 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     per group. Four channels are decoded side by side and each channel's blocks are
     walked in order (block of channel d, group g = (h*D + d) * ngroups + g). Returns the
     number of corrupt blocks."""
-    # all ng quads of a channel quad are decoded first, then used
-    lv, sy = _scratch(ng * 4 * _G)
+    # the ng quads of one channel quad are decoded first, then used
+    lv = np.empty(ng * 4 * _G, np.float32)
+    sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(ng * 8, np.float32)
     cB = np.zeros(R * ng, np.float32)
     ntok = min(Tc, (g0 + ng) * _G) - g0 * _G

@@ -1,4 +1,5 @@
-"""numba kernels for the Ecco block codec: parallel encoder and table-driven decoder.
+"""numba kernels for the Ecco block codec: the parallel encoder, and the parallel decoder
+built on the shared decode core (`ecco_core`: every block is read there).
 
 Block layout (docs/format.md): a block is `W` little-endian uint64 words, bits LSB-first.
 header = mode(1) | sign(1) | scale(SB) | low end(LB) | pattern(PB) | codebook(CB), then
@@ -8,8 +9,8 @@ Decoded value = level * A + B with A = +/-gs * h, B = +/-gs * c (float32) from t
 and low-end codes; patches decode to ptab[q] * A + B.
 
 Callers validate every array length before calling (numba does not bounds-check); the
-decoder additionally only reads inside [block, block + W] words and flags blocks whose
-code stream overruns the block (corrupt data).
+decode core additionally never starts a load past a block's last byte and flags blocks
+whose code stream overruns the block (corrupt data).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from numba import njit, prange
 
 from eccokv.kernels.ecco_core import SYM_STRIDE, G, decode1, decode4, f32_bits, header, symbols4
 
-U64 = np.uint64
-_ONE = np.uint64(1)
 
 
 @njit(inline="always", cache=True)
@@ -32,16 +31,6 @@ def _put(words, base, pos, val, n):
     words[wi] |= v << off
     if (pos & 63) + n > 64:
         words[wi + 1] |= v >> (np.uint64(64) - off)
-
-
-@njit(inline="always", cache=True)
-def _peek64(words, base, pos):
-    """64 bits starting at bit `pos` of the stream that starts at word `base`."""
-    wi = base + (pos >> 6)
-    off = np.uint64(pos & 63)
-    lo = words[wi] >> off
-    hi = (words[wi + 1] << np.uint64(1)) << (np.uint64(63) - off)
-    return lo | hi
 
 
 # ----------------------------------------------------------------------------- encoder
