@@ -21,7 +21,6 @@ from numba import njit, prange
 from eccokv.kernels.ecco_core import SYM_STRIDE, G, decode1, decode4, f32_bits, header, symbols4
 
 
-
 @njit(inline="always", cache=True)
 def _put(words, base, pos, val, n):
     """OR the low `n` bits of `val` into the bit stream at bit `pos` (n <= 57)."""
