@@ -100,7 +100,8 @@ class EccoCodec(Codec):
     def __init__(self, variant: str = "ecco4", profile: str | Profile | None = "default",
                  candidates: int = 2, patch_order: str = "error",
                  profile_hash: str | None = None, group_size: int = GROUP_SIZE,
-                 trim_passes: int = 16, **block: Any) -> None:
+                 trim_passes: int = 16, tables: VariantTables | None = None,
+                 **block: Any) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Ecco variant {variant!r}; choose from {sorted(VARIANTS)}")
         if group_size != GROUP_SIZE:
@@ -130,11 +131,19 @@ class EccoCodec(Codec):
         self.candidates = candidates
         self.patch_order = patch_order
         if profile is None:
-            if profile_hash is None:
-                raise ValueError("give a profile (or a profile_hash of registered tables)")
             self.profile_source: str | None = None
-            tables = lookup_tables(profile_hash)
+            if tables is None:
+                if profile_hash is None:
+                    raise ValueError("give a profile (or a profile_hash of registered tables)")
+                tables = lookup_tables(profile_hash)
+            elif not isinstance(tables, VariantTables):
+                raise TypeError(f"tables must be VariantTables, got {type(tables).__name__}")
+            if profile_hash is not None and tables.hash != profile_hash:
+                raise CodecError(f"wrong Ecco profile: expected tables {profile_hash}, "
+                                 f"got {tables.hash}")
         else:
+            if tables is not None:
+                raise ValueError("give a profile or tables, not both")
             prof = resolve_profile(profile)
             self.profile_source = prof.source
             tables = prof.tables(variant)
@@ -208,29 +217,65 @@ class EccoCodec(Codec):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EccoCodec:
+        """Build from a JSON config, e.g. one read from untrusted bytes: never opens a file.
+
+        A config names its tables only by `profile_hash` (tables already registered in this
+        process: the shipped default, a profile user code loaded, or tables embedded in the
+        data) or as "default". A path in "profile" is kept only as a label; to load tables
+        from a file, pass the path to the constructor (`EccoCodec(profile=PATH)`).
+        """
         cfg = dict(config)
         cfg.pop("id", None)
         h = cfg.get("profile_hash")
         ref = cfg.get("profile", "default")
-        if h is not None and ref != "default":
-            # A config that pins tables by hash (e.g. read from compressed bytes) is
-            # resolved only from tables already loaded or embedded in the data: a path
-            # written in data is never opened.
-            cfg["profile"] = None
-        return cls(**cfg)
+        if h is not None and not isinstance(h, str):
+            raise ValueError(f"Ecco profile_hash must be a string, got {h!r}")
+        if ref is None or ref == "default":
+            return cls(**cfg)
+        if not isinstance(ref, str):
+            raise ValueError(f"Ecco config 'profile' must be 'default', null or a label "
+                             f"string, got {type(ref).__name__}")
+        if h is None:
+            raise ValueError(
+                f"Ecco config names profile {ref!r} without a profile_hash: a config never "
+                "opens a profile file; give EccoCodec(profile=PATH) to load one")
+        cfg["profile"] = None
+        codec = cls(**cfg)
+        codec.profile_source = ref  # the label the data carries, so get_config round-trips
+        return codec
 
     @staticmethod
     def prepare(c: Compressed) -> None:
-        """Register a profile embedded in `c` (non-default profiles travel with the data)."""
-        if "profile_levels" in c.arrays and "profile_lengths" in c.arrays:
-            try:
-                t = VariantTables(np.ascontiguousarray(c.arrays["profile_levels"]),
-                                  np.ascontiguousarray(c.arrays["profile_lengths"]))
-            except ValueError as e:
-                raise CodecError(f"embedded Ecco profile is invalid: {e}") from None
-            if t.hash != c.codec_config.get("profile_hash"):
-                raise CodecError("embedded Ecco profile does not match the data's profile hash")
-            register_tables(t)
+        """Check and register a profile embedded in `c` (non-default profiles travel with
+        the data). The tables are validated as a profile file's are (shapes, dtypes, sorted
+        finite levels in [-1, 1], code lengths 1..8 forming complete prefix codes) and must
+        fit the variant's block before they are registered (bounded registry, LRU)."""
+        has_lv, has_ln = "profile_levels" in c.arrays, "profile_lengths" in c.arrays
+        if not (has_lv or has_ln):
+            return
+        if not (has_lv and has_ln):
+            raise CodecError("embedded Ecco profile needs both profile_levels and "
+                             "profile_lengths")
+        h = c.codec_config.get("profile_hash")
+        if not isinstance(h, str):
+            raise CodecError("data with an embedded Ecco profile must name its profile_hash")
+        try:
+            t = VariantTables(np.ascontiguousarray(c.arrays["profile_levels"]),
+                              np.ascontiguousarray(c.arrays["profile_lengths"]))
+        except ValueError as e:
+            raise CodecError(f"embedded Ecco profile is invalid: {e}") from None
+        if t.hash != h:
+            raise CodecError("embedded Ecco profile does not match the data's profile hash")
+        if lookup_tables(h, missing_ok=True) is not None:
+            return
+        variant = c.codec_config.get("variant")
+        if variant not in VARIANTS:
+            raise CodecError(f"unknown Ecco variant {variant!r} in the data")
+        try:  # the tables must fit the block format: a codec builds and its kernel tables
+            EccoCodec(variant, profile=None, tables=t).kernel_tables()  # pass the core's
+        except ValueError as e:
+            raise CodecError(f"embedded Ecco profile does not fit {variant}: {e}") from None
+        register_tables(t, embedded=True)
 
     def check_compatible(self, c: Compressed) -> None:
         cfg = c.codec_config

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -164,23 +166,56 @@ class Profile:
 
 
 DEFAULT_PROFILE_FILE = "default.ecprof"  # safetensors format; a tiny table file, not weights
+# Tables resolvable by hash in this process. Two tiers: tables user code loaded (the shipped
+# default, profile files, Profile objects) stay for the process; tables registered from
+# untrusted data (embedded in compressed bytes) live in a bounded LRU of
+# MAX_EMBEDDED_TABLES entries, so a stream of blobs with distinct profiles cannot grow
+# memory without bound. A codec built from evicted tables keeps its own reference.
+MAX_EMBEDDED_TABLES = 64
 _TABLES: dict[str, VariantTables] = {}
+_EMBEDDED: OrderedDict[str, VariantTables] = OrderedDict()
+_LOCK = threading.Lock()
 _DEFAULT: list[Profile] = []
 
 
-def register_tables(t: VariantTables) -> str:
-    """Make variant tables resolvable by their hash in this process; returns the hash."""
-    _TABLES.setdefault(t.hash, t)
-    return t.hash
+def register_tables(t: VariantTables, embedded: bool = False) -> str:
+    """Make variant tables resolvable by their hash in this process; returns the hash.
+
+    embedded=True: tables read from data (already validated by the caller), kept in the
+    bounded LRU (least recently used evicted beyond MAX_EMBEDDED_TABLES)."""
+    h = t.hash
+    with _LOCK:
+        if h in _TABLES:
+            return h
+        if not embedded:
+            _TABLES[h] = _EMBEDDED.pop(h, t)
+            return h
+        _EMBEDDED[h] = _EMBEDDED.pop(h, t)
+        while len(_EMBEDDED) > MAX_EMBEDDED_TABLES:
+            _EMBEDDED.popitem(last=False)
+    return h
 
 
-def lookup_tables(h: str) -> VariantTables:
-    if h not in _TABLES:
+def lookup_tables(h: str, missing_ok: bool = False) -> VariantTables | None:
+    """Registered tables with hash `h`; CodecError if unknown (None with missing_ok)."""
+    with _LOCK:
+        t = _TABLES.get(h) if isinstance(h, str) else None
+        if t is None and isinstance(h, str) and h in _EMBEDDED:
+            _EMBEDDED.move_to_end(h)
+            t = _EMBEDDED[h]
+    if t is None and not missing_ok:
         raise CodecError(
             f"Ecco profile tables {h} are not available: load the profile file they were "
             "made with (EccoCodec(profile=PATH)) or decode the self-contained bytes"
         )
-    return _TABLES[h]
+    return t
+
+
+def registered_tables() -> dict[str, int]:
+    """How many tables are registered: {"loaded": n, "embedded": n, "embedded_max": n}."""
+    with _LOCK:
+        return {"loaded": len(_TABLES), "embedded": len(_EMBEDDED),
+                "embedded_max": MAX_EMBEDDED_TABLES}
 
 
 def default_profile() -> Profile:
