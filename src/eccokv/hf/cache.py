@@ -554,6 +554,42 @@ class EccoCache(Cache):
             enable_fused(text)
         super().__init__(layers=built)
 
+    # token ids the cache was built from, when known (from_store / load set them)
+    token_ids: torch.Tensor | None = None
+    store_chunk_tokens: int | None = None  # chunk size from_store used
+
+    def save(self, path: Any, token_ids: Any = None) -> None:
+        """Write the cache to `path` (atomic; format: eccokv.hf.persist)."""
+        from eccokv.hf import persist
+
+        persist.save(self, path, token_ids)
+
+    @classmethod
+    def load(cls, path: Any, config: Any, **cache_kwargs: Any) -> EccoCache:
+        """A cache saved by `save`; refuses another model or codec version (CacheFileError).
+        cache_kwargs override settings that do not change the data (e.g. fused=False)."""
+        from eccokv.hf import persist
+
+        return persist.load(path, config, **cache_kwargs)
+
+    @classmethod
+    def from_store(cls, store: Any, model: Any, input_ids: Any, *,
+                   chunk_tokens: int | None = None, **cache_kwargs: Any) -> EccoCache:
+        """EccoCache(model.config, **cache_kwargs) holding the longest prefix of
+        input_ids [1, T] found in `store` (`get_seq_length()` tokens; a store that is down
+        gives an empty cache with a warning). See eccokv.store.prefix."""
+        from eccokv.store.prefix import lookup
+
+        cache = lookup(store, model, input_ids, chunk_tokens, **cache_kwargs)
+        cache.store_chunk_tokens = chunk_tokens
+        return cache
+
+    def to_store(self, store: Any, token_ids: Any = None) -> int:
+        """Write the full compressed chunks not yet in `store`; returns how many landed."""
+        from eccokv.store.prefix import write
+
+        return write(self, store, token_ids, self.store_chunk_tokens)
+
     def memory_report(self) -> dict[str, Any]:
         """{"total_bytes", "fp16_bytes", "bits_per_value", "layers": [per layer]}.
 
