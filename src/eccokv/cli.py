@@ -251,6 +251,29 @@ def _add_eval_parsers(sub: Any) -> None:
     s.set_defaults(fn=cmd_eval_memory)
 
 
+def cmd_fuzz(a: argparse.Namespace) -> int:
+    from eccokv import fuzz
+    from eccokv.provenance import environment
+
+    if a.n < 1:
+        raise ValueError(f"--n must be at least 1, got {a.n}")
+    env = environment() if a.out_dir else None
+    r = fuzz.run_campaign(a.n, seed=a.seed, kinds=a.targets, start=a.start, hang_s=a.hang_s,
+                          progress=None if a.json else lambda m: print(m, file=sys.stderr))
+    r["command"] = "eccokv fuzz " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["fuzz"]
+                                              else [f"--n {a.n} --seed {a.seed}"])
+    if a.out_dir:
+        fuzz.write_results(r, a.out_dir, env)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(fuzz.to_markdown(r))
+        for f in r["failures"][:10]:
+            print(f"FAIL entry {f['entry']} {f['target']} {f['mutation']}: {f['outcome']} "
+                  f"{f['detail']}")
+    return 0 if r["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eccokv", description=(
         "Entropy-coded KV-cache compression (Ecco block codec) for transformers models."))
@@ -337,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip if a full warm-up already ran for the current kernel sources")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_warmup)
+
+    s = sub.add_parser("fuzz", help="fuzz campaign over untrusted bytes: mutated codec "
+                       "blobs, cache files and store entries (docs/untrusted.md)")
+    s.add_argument("--n", type=int, default=10000, help="mutated entries")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--start", type=int, default=0, help="first entry index (replay: --n 1)")
+    s.add_argument("--targets", default="codec,cache,store")
+    s.add_argument("--hang-s", type=float, default=1.0, help="an entry slower than this hangs")
+    s.add_argument("--out-dir", default="", help="write fuzz.{json,md} there ('' = nothing)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_fuzz)
 
     _add_eval_parsers(sub)
     return p
