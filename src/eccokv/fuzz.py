@@ -56,7 +56,7 @@ _CRC = struct.Struct("<I")
 CRC_HD4_BYTES = 91607 // 8
 GUARANTEED = ("bitflip", "burst", "truncate", "extend")
 MUTATIONS = ("bitflip", "burst", "bytes", "truncate", "extend", "delete", "insert",
-             "header", "header_raw", "prefix", "payload", "splice")
+             "header", "header_raw", "prefix", "payload", "splice", "swap")
 # Decode-relevant config keys per codec family; other keys only steer the encoder (Ecco:
 # candidates, patch_order, trim_passes; "profile" is a label, tables go by profile_hash).
 DECODE_KEYS: dict[str, tuple[str, ...]] = {
@@ -85,6 +85,9 @@ class Target:
     consistent: Callable[[bytes, Any], bool]  # a forged valid result fits its own header
     layout: str = "eckv"  # "eckv" (prefix, JSON, payload, CRC) or "container"
     expected: Any = None
+    # after a successful load: use the loaded object (e.g. decode a loaded cache); a
+    # CodecError here is a `late_error` (accepted at load, refused at first use)
+    use: Callable[[Any], Any] | None = None
 
 
 def _bits_equal(a: Any, b: Any) -> bool:
@@ -183,14 +186,159 @@ def codec_targets() -> list[Target]:
 
 
 def optional_targets(kinds: set[str]) -> list[Target]:
-    """Cache-file and store-entry seeds, from `eccokv.fuzz_targets` when it is present."""
+    """Cache-file and store-entry seeds (need transformers and `eccokv.store`)."""
     out: list[Target] = []
-    if kinds & {"cache", "store"}:
-        try:
-            from eccokv import fuzz_targets  # type: ignore[attr-defined]
-        except ImportError:
-            return out
-        out += fuzz_targets.targets(kinds)
+    if not kinds & {"cache", "store"}:
+        return out
+    try:
+        import transformers  # noqa: F401
+
+        from eccokv.hf import persist  # noqa: F401
+        from eccokv.store import entry, prefix  # noqa: F401
+    except ImportError:
+        return out
+    caches = _seed_caches()
+    if "cache" in kinds:
+        out += cache_targets(caches)
+    if "store" in kinds:
+        out += store_targets(caches)
+    return out
+
+
+def _tiny_config(kv_heads: int, head_dim: int, layers: int = 2) -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=128, hidden_size=2 * head_dim,
+                                    intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=2, num_key_value_heads=kv_heads,
+                                    head_dim=head_dim, max_position_embeddings=2048)
+
+
+def _seed_caches() -> list[tuple[str, Any, Any, torch.Tensor]]:
+    """(name, config, EccoCache, token ids): two models, two codecs; every CRC-covered
+    region (container header, each section, each chunk blob) stays under 11,450 bytes."""
+    from eccokv.hf.cache import EccoCache
+
+    out = []
+    for k, (name, kv, hd, codec) in enumerate((("m1/ecco4", 1, 32, "ecco4"),
+                                               ("m1/kivi4", 1, 32, "kivi4"),
+                                               ("m2/ecco4", 1, 16, "ecco4"))):
+        cfg = _tiny_config(kv, hd)
+        cache = EccoCache(cfg, codec, residual_length=16, sink_tokens=4, fused=False)
+        T = 4 + 256 + 20
+        g = torch.Generator().manual_seed(100 + k)
+        for i in range(cfg.num_hidden_layers):
+            kk = torch.randn((1, kv, T, hd), generator=g).to(torch.bfloat16)
+            vv = torch.randn((1, kv, T, hd), generator=g).to(torch.bfloat16)
+            cache.update(kk, vv, i)
+        ids = torch.randint(3, 128, (1, T), generator=g)
+        out.append((name, cfg, cache, ids))
+    return out
+
+
+def _stream_views(cache: Any) -> list[Any]:
+    """Everything a loaded cache holds, as tensors: per layer K and V in full (sink,
+    decoded chunks, exact window), the token count, and the token ids."""
+    res: list[Any] = []
+    for layer in cache.layers:
+        if hasattr(layer, "k") and layer.k.held is not None:
+            for s in (layer.k, layer.v):
+                b, h, _, d = s.held.shape
+                empty = torch.empty((b, h, 0, d), dtype=s.held.dtype)
+                res.append(s.view_with(empty).clone())
+        else:
+            res.append(None)
+        res.append(int(layer.get_seq_length()))
+    ids = getattr(cache, "token_ids", None)
+    res.append(None if ids is None else ids.clone())
+    return res
+
+
+def _container_semantic(magic: bytes, version: int,
+                        informational: tuple[str, ...]) -> Callable[[bytes], Any]:
+    def sem(b: bytes) -> Any:
+        from eccokv.store.container import unpack
+
+        doc, secs = unpack(b, magic, version, "fuzz")
+        d = {k: v for k, v in doc.items() if k not in informational and k != "sections"}
+        return (json.dumps(d, sort_keys=True), {k: bytes(v) for k, v in secs.items()})
+    return sem
+
+
+def cache_targets(caches: list[tuple[str, Any, Any, torch.Tensor]]) -> list[Target]:
+    """Cache files (`EccoCache.save` bytes) of the seed caches; loading one is
+    `load_bytes(data, that model's config)`, promised error `CacheFileError`."""
+    from eccokv.hf.persist import MAGIC, VERSION, CacheFileError, dump_bytes, load_bytes
+
+    out = []
+    for name, cfg, cache, ids in caches:
+        data = dump_bytes(cache, token_ids=ids)
+
+        def load(b: bytes, cfg: Any = cfg) -> Any:
+            return load_bytes(b, cfg, fused=False)
+
+        def consistent(b: bytes, y: Any, cfg: Any = cfg) -> bool:
+            return isinstance(y, list) and len(y) >= cfg.num_hidden_layers
+
+        out.append(Target(f"cache:{name}", "cache", data, load, (CacheFileError,),
+                          _bits_equal, _container_semantic(MAGIC, VERSION, ("model",
+                                                                            "eccokv")),
+                          consistent, layout="container", use=_stream_views))
+    return out
+
+
+class _MemStore:
+    """The two calls `eccokv.store.prefix.write` makes, into a dict."""
+
+    def __init__(self) -> None:
+        self.d: dict[str, bytes] = {}
+
+    def exists(self, keys: list[str]) -> list[bool]:
+        return [k in self.d for k in keys]
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> int:
+        self.d.update(items)
+        return len(items)
+
+
+def store_targets(caches: list[tuple[str, Any, Any, torch.Tensor]]) -> list[Target]:
+    """Prefix-store entries of the seed caches, read back under their own key and the
+    lookup's expectations (`decode_entry(data, key, expect)`), promised error `EntryError`."""
+    from eccokv.store import prefix
+    from eccokv.store.entry import MAGIC, VERSION, EntryError, decode_entry
+
+    out = []
+    for name, cfg, cache, ids in caches:
+        st = _MemStore()
+        C = 128
+        prefix.write(cache, st, token_ids=ids, chunk_tokens=C)
+        plan = prefix._Plan(cache, cfg, cache.layers[0].dtype, C)
+        idl = ids[0].tolist()
+        n = (len(idl) - 1 - plan.sink) // plan.C
+        keys = prefix.chain_keys(plan.root, idl, plan.sink, plan.C, n)
+        parent = ""
+        for j, key in enumerate(keys):
+            if key not in st.d:
+                raise RuntimeError(f"fuzz seed: entry {j} of {name} was not written")
+            expect = plan.expect(j, parent, plan.chunk_ids(idl, j))
+            codecs = plan.codecs
+
+            def load(b: bytes, key: str = key, expect: Any = expect, codecs: Any = codecs) -> Any:
+                e = decode_entry(b, key=key, expect=expect)
+                res: list[Any] = [e.ids]
+                for i, (kp, vp) in enumerate(e.pieces):
+                    res += [codecs[i][0].decode(c) for c in kp]
+                    res += [codecs[i][1].decode(c) for c in vp]
+                res.append(e.sinks)
+                return res
+
+            def consistent(b: bytes, y: Any, expect: Any = expect) -> bool:
+                return isinstance(y, list) and y[0] == expect.ids
+
+            out.append(Target(f"store:{name}:e{j}", "store", st.d[key], load, (EntryError,),
+                              _bits_equal, _container_semantic(MAGIC, VERSION, ()),
+                              consistent, layout="container"))
+            parent = key
     return out
 
 
@@ -363,7 +511,13 @@ def mutate(t: Target, rng: random.Random, donors: list[Target]) -> tuple[bytes, 
     b = t.data
     lay = Layout(t.layout)
     n = len(b)
-    kind = rng.choice(MUTATIONS)
+    kind = rng.choice(MUTATIONS if t.kind != "codec" else MUTATIONS[:-1])
+    if kind == "swap":  # another model's (cache file) or key's (entry) bytes, unchanged
+        other = [d for d in donors if d.data != b
+                 and (t.kind != "cache" or _model(d) != _model(t))]
+        if other:
+            return rng.choice(other).data, kind, False
+        kind = "bitflip"
     if kind == "bitflip":
         m = bytearray(b)
         for p in rng.sample(range(n * 8), rng.randint(1, 3)):
@@ -451,6 +605,12 @@ def mutate(t: Target, rng: random.Random, donors: list[Target]) -> tuple[bytes, 
     return lay.refix(lay.build(pre, doc, payload[:cut] + dpay[cut:])), kind, True
 
 
+def _model(t: Target) -> str:
+    """The seed's model: "cache:m1/ecco4" -> "m1" (a cache file from the same model with
+    another codec is a valid file of that model: not a splice)."""
+    return t.name.split(":")[1].split("/")[0]
+
+
 def _refix_header_crc(m: bytes) -> bytes:
     """Container with an edited prefix: recompute the header CRC where it would lie."""
     _, _, _, hlen = _PREFIX.unpack_from(m, 0)
@@ -496,10 +656,40 @@ def _audit(event: str, args: tuple) -> None:
         _OPENS.append(str(args[0])[:200] if args else "?")
 
 
+def _judge_loaded(t: Target, m: bytes, y: Any, fixed: bool) -> tuple[str, str]:
+    """Outcome of an entry that loaded (see `judge`)."""
+    if t.use is not None:
+        try:
+            y = t.use(y)
+        except CodecError as e:
+            return "late_error", f"{type(e).__name__}: {str(e)[:200]}"
+        except Exception as e:  # noqa: BLE001
+            return "crash", f"at first use: {type(e).__name__}: {str(e)[:300]}"
+    _AUDIT[0] = False  # the oracle below may import/open what it likes
+    if t.equal(y, t.expected):
+        # decoded exactly as the seed: the mutation kept every decode-relevant byte
+        # (or, without a recomputed checksum, slipped past it)
+        if not fixed:
+            return "wrong_data", "bytes changed without a valid CRC were accepted"
+        return "accepted_equal", ""
+    if not fixed:
+        return "wrong_data", "corrupt bytes decoded to other data"
+    try:
+        same = t.semantic(m) == t.semantic(t.data)
+        ok = t.consistent(m, y)
+    except Exception as e:  # noqa: BLE001
+        return "crash", f"oracle re-parse failed: {type(e).__name__}: {e}"
+    if same:
+        return "wrong_data", "decode-equivalent bytes decoded differently"
+    if not ok:
+        return "wrong_data", "result does not fit its header / reference"
+    return "forged_valid", ""
+
+
 def judge(t: Target, m: bytes, kind: str, fixed: bool,
           hang_s: float) -> tuple[str, str, float]:
     """Load one mutated entry: (outcome, detail, seconds). Outcomes: rejected,
-    accepted_equal, forged_valid, crash, wrong_data, hang, file_open."""
+    accepted_equal, forged_valid, late_error, crash, wrong_data, hang, file_open."""
     n_open = len(_OPENS)
     _AUDIT[0] = True
     t0 = time.perf_counter()
@@ -516,28 +706,9 @@ def judge(t: Target, m: bytes, kind: str, fixed: bool,
         _AUDIT[0] = False
         return "crash", f"{type(e).__name__}: {str(e)[:300]}", dt
     else:
+        out, detail = _judge_loaded(t, m, y, fixed)
         dt = time.perf_counter() - t0
         _AUDIT[0] = False
-        if t.equal(y, t.expected):
-            # decoded exactly as the seed: the mutation kept every decode-relevant byte
-            # (or, without a recomputed checksum, slipped past it: counted below)
-            out, detail = "accepted_equal", ""
-            if not fixed:
-                out, detail = "wrong_data", "bytes changed without a valid CRC were accepted"
-        elif not fixed:
-            out, detail = "wrong_data", "corrupt bytes decoded to other data"
-        else:
-            try:
-                same = t.semantic(m) == t.semantic(t.data)
-                ok = t.consistent(m, y)
-            except Exception as e:  # noqa: BLE001
-                return "crash", f"oracle re-parse failed: {type(e).__name__}: {e}", dt
-            if same:
-                out, detail = "wrong_data", "decode-equivalent bytes decoded differently"
-            elif not ok:
-                out, detail = "wrong_data", "result does not fit its header / reference"
-            else:
-                out, detail = "forged_valid", ""
     if len(_OPENS) > n_open:
         return "file_open", _OPENS[-1], dt
     if dt > hang_s:
@@ -547,10 +718,17 @@ def judge(t: Target, m: bytes, kind: str, fixed: bool,
 
 def warm(targets: list[Target]) -> None:
     """Load every seed once (compiles/loads kernels) and record its expected result."""
+    import eccokv.kernels.ecco_reference  # noqa: F401  (the oracle's reference decoder)
+
     for t in targets:
-        t.expected = t.load(t.data)
-        if not t.equal(t.load(t.data), t.expected):
+        t.expected = _full(t, t.data)
+        if not t.equal(_full(t, t.data), t.expected):
             raise RuntimeError(f"seed {t.name} does not decode deterministically")
+
+
+def _full(t: Target, b: bytes) -> Any:
+    y = t.load(b)
+    return t.use(y) if t.use is not None else y
 
 
 def run_campaign(n: int, seed: int = 0, kinds: str = "codec,cache,store", start: int = 0,
@@ -595,7 +773,7 @@ def run_campaign(n: int, seed: int = 0, kinds: str = "codec,cache,store", start:
             res.count(kind, t.kind, outcome)
             if outcome == "rejected":
                 res.rejected[f"{t.kind}:{detail}"] += 1
-            elif outcome in _FAIL and len(res.failures) < 50:
+            elif (outcome in _FAIL or outcome == "late_error") and len(res.failures) < 50:
                 res.failures.append({"entry": i, "target": t.name, "mutation": kind,
                                      "outcome": outcome, "detail": detail,
                                      "bytes_hex": m[:4096].hex()})
@@ -648,6 +826,7 @@ def _summary(res: Result, targets: list[Target], n: int, seed: int, start: int,
         "rejected": tot["rejected"],
         "accepted_equal": tot["accepted_equal"],
         "forged_valid": tot["forged_valid"],
+        "late_errors": tot["late_error"],
         "rejected_guaranteed": guaranteed,
         "rejection_types": dict(sorted(res.rejected.items())),
         "by_mutation": {k: dict(v) for k, v in sorted(res.by_mutation.items())},
@@ -682,7 +861,9 @@ def to_markdown(r: dict[str, Any], env: dict[str, Any] | None = None) -> str:
         f"- crashes **{r['crashes']}**, hangs **{r['hangs']}**, wrong data "
         f"**{r['wrong_data']}**, file opens **{r['file_opens']}**",
         f"- rejected {r['rejected']:,} (every one with the promised error type), forged but "
-        f"valid {r['forged_valid']:,}, decode-equivalent edits {r['accepted_equal']:,}",
+        f"valid {r['forged_valid']:,}, decode-equivalent edits {r['accepted_equal']:,}, "
+        f"late errors {r['late_errors']:,} (a forged cache file accepted by load, refused "
+        "with CodecError at its first decode)",
         f"- seeds: {r['targets']}, {r['seed_bytes']['min']}-{r['seed_bytes']['max']} bytes",
         "", "| mutation | entries | rejected | decode-equal | forged valid | failures |",
         "|---|---:|---:|---:|---:|---:|"]
