@@ -416,3 +416,82 @@ def test_bad_queries_raise():
         _fa(q, kc, ke, vc, ve, scaling=float("inf"))
     with pytest.raises(ValueError, match="num_threads"):
         fused_attention(q, kc, ke, vc, ve, scaling=0.1, num_threads=0)
+
+
+# ------------------------------------------------------------------ context blocks
+
+
+BLOCK_CASES = [  # (K codec, K axis, K lengths, V codec, V axis, V lengths, K tail, V tail)
+    ("ecco4", 1, [200, 77, 384], "ecco3", 1, [256, 405], 61, 61),
+    ("kivi2", 1, [640], "kivi2", 2, [300, 340], 45, 45),
+    ("int3", 2, [128, 333], "int4", 1, [461], 130, 130),
+    ("ecco4", 1, [256, 512], "kivi4", 2, [700], 10, 78),  # tails of different lengths
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("block_bytes", [1, 3000, 8000])
+def test_context_blocks_merge_like_one_softmax(monkeypatch, case, block_bytes):
+    """Attention over context blocks (cut at group boundaries of both streams, merged by
+    their log-sum-exp) equals the reference, with masks, tiles and fully masked rows."""
+    import eccokv.kernels.attention as A
+
+    kn_, kax, kl, vn, vax, vl, kte, vte = case
+    hkv, n_rep, d = 2, 3, 64
+    kc, ke = make_stream(kn_, kax, kl, kte, hkv, d, 50)
+    vc, ve = make_stream(vn, vax, vl, vte, hkv, d, 51)
+    T = sum(kl) + kte
+    monkeypatch.setattr(A, "S_BLOCK_BYTES", block_bytes)
+    ks = A._prepare_stream(kc, ke, "K")
+    vs = A._prepare_stream(vc, ve, "V")
+    blocks = A._blocks(ks, vs, T, max(128, block_bytes // (4 * hkv * n_rep)))
+    assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == T
+    for lq in (1, 7):
+        q = torch.randn(hkv * n_rep, lq, d, generator=torch.Generator().manual_seed(lq))
+        assert_close(*run_both(q, kc, ke, vc, ve, threads=2))
+        m = torch.arange(T)[None, :] <= (T - lq + torch.arange(lq))[:, None]
+        m &= torch.arange(T)[None, :] >= 300  # left padding past the first blocks
+        m[0] = False  # a fully masked row
+        a, b = run_both(q, kc, ke, vc, ve, mask=m)
+        assert_close(a, b)
+        assert (a[:, 0] == 0).all()
+        alibi = -0.05 * (T - torch.arange(T, dtype=torch.float32))[None, :].expand(lq, T)
+        assert_close(*run_both(q, kc, ke, vc, ve, mask=alibi.masked_fill(~m, float("-inf"))))
+
+
+def test_context_blocks_cut_only_where_both_streams_allow():
+    """Every block starts at a chunk or group boundary of K and of V (or in the exact
+    tails), blocks tile [0, T), and none is longer than asked unless no cut exists."""
+    import eccokv.kernels.attention as A
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        kl = [int(x) for x in rng.integers(1, 700, rng.integers(1, 5))]
+        vl = [int(x) for x in rng.integers(1, 700, rng.integers(1, 5))]
+        T = max(sum(kl), sum(vl)) + int(rng.integers(0, 300))
+        kg, vg = int(rng.choice([1, 32, 128])), int(rng.choice([1, 64, 128]))
+        ks = A._Stream("K", 1, 8, kind=0 if kg == 128 else 1 if kg > 1 else 2, G=max(kg, 1),
+                       Tc=sum(kl), Te=T - sum(kl))
+        vs = A._Stream("V", 1, 8, kind=0 if vg == 128 else 1 if vg > 1 else 2, G=max(vg, 1),
+                       Tc=sum(vl), Te=T - sum(vl))
+        ks.ch = np.zeros((len(kl), 8), np.int64)
+        ks.ch[:, 3] = kl
+        vs.ch = np.zeros((len(vl), 8), np.int64)
+        vs.ch[:, 3] = vl
+        tb = int(rng.integers(128, 600))
+        blocks = A._blocks(ks, vs, T, tb)
+
+        def ok(p, lengths, g):
+            t0 = 0
+            for n in lengths:
+                if t0 <= p < t0 + n:
+                    return (p - t0) % g == 0
+                t0 += n
+            return True  # chunk end or exact tail
+
+        assert blocks[0][0] == 0 and blocks[-1][1] == T
+        for (a, b), (a2, _) in zip(blocks, blocks[1:] + [(T, T)], strict=True):
+            assert a < b and b == a2
+            assert ok(a, kl, kg) and ok(a, vl, vg)
+            if b - a > tb:  # only where no valid cut lies in (a, a + tb]
+                assert not any(ok(p, kl, kg) and ok(p, vl, vg) for p in range(a + 1, a + tb + 1))

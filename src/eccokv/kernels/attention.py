@@ -48,6 +48,11 @@ _EXACT_SPAN = 64  # tokens per work item of the exact tail
 _INT_CH_SPAN = 64  # tokens per work item of an int chunk grouped over channels
 _V_SPAN = 256  # tokens per V work item of an int chunk grouped over channels
 MAX_TILE_ROWS = 128  # query rows (n_rep * queries) decoded against per block
+# Scores/weights scratch per context block: the context is attended to in blocks of about
+# this many bytes of S [Hkv, R, block] (cut at group boundaries of both streams) and the
+# blocks' outputs are merged through their log-sum-exp (online softmax), so scratch does
+# not grow with the context and P stays in L2 for the V pass (see docs/format.md).
+S_BLOCK_BYTES = 2 << 20
 
 
 class FusedAttentionUnsupported(ValueError):
@@ -291,50 +296,133 @@ def _prepare_stream(chunks: Sequence[Compressed] | None, exact: torch.Tensor | N
     return st
 
 
-def _spans(lengths: np.ndarray, span: int, Hkv: int, chunk_ids: np.ndarray) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Work items (chunk, head, start, count) covering each length in `span`-token pieces."""
-    lengths = np.asarray(lengths, np.int64)
+def _spans(los: np.ndarray, his: np.ndarray, span: int, Hkv: int,
+           chunk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Work items (chunk, head, start, count) covering tokens lo .. hi-1 of each chunk in
+    `span`-token pieces from lo."""
+    los = np.asarray(los, np.int64)
+    lengths = np.asarray(his, np.int64) - los
     nsp = (lengths + span - 1) // span
     per = nsp * Hkv
     tot = int(per.sum())
     c = np.repeat(chunk_ids.astype(np.int64), per)
     k = np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
     nsp_r = np.repeat(nsp, per)
-    h = k // nsp_r
-    s = (k % nsp_r) * span
+    h = k // np.maximum(nsp_r, 1)
+    s = (k % np.maximum(nsp_r, 1)) * span
     n = np.minimum(span, np.repeat(lengths, per) - s)
-    return c, h, s, n
+    return c, h, s + np.repeat(los, per), n
 
 
-@lru_cache(maxsize=256)
-def _chunk_items(lengths: tuple[int, ...], span: int, Hkv: int) -> tuple[np.ndarray, ...]:
-    """Work items (chunk, head, first token, count) cutting each chunk into `span`-token
-    pieces per KV head (cached: a stream's chunks change only when one is appended). The
-    exact tail's items are derived inside the kernels."""
-    items = _spans(np.array(lengths, np.int64), span, Hkv, np.arange(len(lengths)))
-    return tuple(np.ascontiguousarray(a) for a in items)  # callers never write to them
+@lru_cache(maxsize=512)
+def _chunk_items(lengths: tuple[int, ...], span: int, Hkv: int, a: int = 0,
+                 b: int = -1) -> tuple[np.ndarray, ...]:
+    """Work items (chunk, head, first token within the chunk, count) cutting each chunk's
+    tokens inside the context block a .. b-1 (b < 0: all) into `span`-token pieces per KV
+    head (cached: a stream's chunks change only when one is appended). The exact tail's
+    items are derived inside the kernels."""
+    L = np.array(lengths, np.int64)
+    t0 = np.cumsum(L) - L
+    if b < 0:
+        lo, hi = np.zeros_like(L), L
+    else:
+        lo = np.clip(a - t0, 0, L)
+        hi = np.clip(b - t0, 0, L)
+    keep = hi > lo
+    items = _spans(lo[keep], hi[keep], span, Hkv, np.flatnonzero(keep))
+    return tuple(np.ascontiguousarray(x) for x in items)  # callers never write to them
 
 
-def _k_items(st: _Stream, nthreads: int) -> tuple[np.ndarray, ...]:
-    lengths = tuple(int(n) for n in st.ch[:, 3])
+def _k_span(st: _Stream, nthreads: int, ntok: int) -> int:
+    """Tokens per K work item for a block of ntok compressed tokens."""
     if st.kind == KIND_ECCO:
         # up to 8 token groups per item (each channel's blocks are then read in order),
         # while leaving >= 4 items per thread
-        groups = sum((n + 127) // 128 for n in lengths) * st.Hkv
-        span = 128 * max(1, min(8, groups // (4 * nthreads)))
-    elif st.kind == KIND_INT_TOKENS:
-        span = st.G * max(1, 128 // st.G)
-    else:
-        span = _INT_CH_SPAN
-    return _chunk_items(lengths, span, st.Hkv)
+        groups = -(-ntok // 128) * st.Hkv
+        return 128 * max(1, min(8, groups // (4 * nthreads)))
+    if st.kind == KIND_INT_TOKENS:
+        return st.G * max(1, 128 // st.G)
+    return _INT_CH_SPAN
 
 
-def _v_items(st: _Stream) -> tuple[np.ndarray, ...]:
+def _lengths(st: _Stream) -> tuple[int, ...]:
+    return tuple(int(n) for n in st.ch[:, 3])
+
+
+def _gran(st: _Stream) -> int:
+    """Token granularity of a stream's groups: context blocks are cut only there."""
+    return 128 if st.kind == KIND_ECCO else st.G if st.kind == KIND_INT_TOKENS else 1
+
+
+@lru_cache(maxsize=256)
+def _cuts_of(lengths: tuple[int, ...], gran: int) -> np.ndarray:
+    """Token positions inside the compressed part of a stream where a context block may
+    start: chunk starts and group starts within chunks (sorted, > 0)."""
+    pos = []
+    t0 = 0
+    for n in lengths:
+        pos.append(np.arange(t0, t0 + n, gran, dtype=np.int64))
+        t0 += n
+    pos.append(np.array([t0], np.int64))
+    p = np.concatenate(pos)
+    return p[p > 0]
+
+
+@lru_cache(maxsize=256)
+def _common_cuts(kl: tuple[int, ...], kg: int, vl: tuple[int, ...], vg: int) -> np.ndarray:
+    """Block starts valid for both streams below the end of the longer compressed part."""
+    kc, vc = _cuts_of(kl, kg), _cuts_of(vl, vg)
+    kt, vt = sum(kl), sum(vl)
+    lo = min(kt, vt)
+    both = np.intersect1d(kc[kc <= lo], vc[vc <= lo])
+    longer = kc if kt > vt else vc
+    return np.concatenate([both, longer[longer > lo]])
+
+
+def _blocks(ks: _Stream, vs: _Stream, T: int, tb: int) -> list[tuple[int, int]]:
+    """Context blocks [a, b) of about tb tokens (at most tb where the groups allow)."""
+    if T <= tb:
+        return [(0, T)]
+    cuts = _common_cuts(_lengths(ks), _gran(ks), _lengths(vs), _gran(vs))
+    top = max(ks.Tc, vs.Tc)  # from here on (exact tails) any token may start a block
+    out = []
+    a = 0
+    while a < T:
+        lim = a + tb
+        if lim >= T:
+            b = T
+        elif lim >= top:
+            b = max(lim, a + 1)
+        else:
+            i = int(np.searchsorted(cuts, lim, "right")) - 1
+            if i >= 0 and cuts[i] > a:
+                b = int(cuts[i])
+            else:
+                j = int(np.searchsorted(cuts, a, "right"))
+                b = int(cuts[j]) if j < cuts.shape[0] else top
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _v_items(st: _Stream, a: int = 0, b: int = -1) -> tuple[np.ndarray, ...]:
     """Token-span V items, used only for int chunks grouped over channels (kind 2)."""
     if st.kind != KIND_INT_CHANNELS:
         return _NO_ITEMS
-    return _chunk_items(tuple(int(n) for n in st.ch[:, 3]), _V_SPAN, st.Hkv)
+    return _chunk_items(_lengths(st), _V_SPAN, st.Hkv, a, b)
+
+
+def _chunk_range(st: _Stream, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cl0, cl1): each chunk's tokens inside the context block a .. b-1 (chunk-local)."""
+    L = st.ch[:, 3]
+    t0 = st.ch[:, 4]
+    return (np.ascontiguousarray(np.clip(a - t0, 0, L)),
+            np.ascontiguousarray(np.clip(b - t0, 0, L)))
+
+
+def _exact_range(st: _Stream, a: int, b: int) -> tuple[int, int]:
+    """The exact tail's tokens (tail-local) inside the context block a .. b-1."""
+    return max(0, a - st.Tc), max(0, min(st.Te, b - st.Tc))
 
 
 def _v_width(Hkv: int, D: int, nthreads: int) -> int:
@@ -473,7 +561,9 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
     kernel runs; an Ecco block whose code stream overruns is detected by the kernel (as
     by the decoder) and raises CodecError. Exact tails are used as given (not scanned for
     NaN). Queries are processed in tiles of up to 32 (at most 128 rows n_rep * queries);
-    each compressed block is decoded once per tile. Two parallel launches per tile; on a
+    each compressed block is decoded once per tile. The context is taken in blocks of
+    about `S_BLOCK_BYTES` of score scratch, merged by their log-sum-exp (online softmax),
+    so scratch memory does not grow with T. Two parallel launches per tile and block; on a
     machine shared with other busy processes, OMP_WAIT_POLICY=passive avoids multi-ms
     stalls of numba's OpenMP workers (measured here: 2 threads 44.8 ms -> 23.4 ms).
     """
@@ -493,30 +583,80 @@ def fused_attention(q: torch.Tensor, k_chunks: Sequence[Compressed] | None,
         return out.reshape(Hq, Lq, D).to(q.dtype)
     qs = torch.from_numpy(qn * np.float32(scaling)).reshape(Hkv, n_rep, Lq, D)
     Lt = max(1, min(32, MAX_TILE_ROWS // n_rep, Lq))
-    vit = _v_items(vs)
     bad_k = np.zeros(max(1, ks.ch.shape[0]), np.uint8)
     bad_v = np.zeros(max(1, vs.ch.shape[0]), np.uint8)
     with _numba_threads(nthreads) as nt:
-        it_c, it_h, it_s, it_n = _k_items(ks, nt)
         dw = _v_width(Hkv, D, nt)
         for i0 in range(0, Lq, Lt):
             lt = min(Lt, Lq - i0)
             R = n_rep * lt
             qf = qs[:, :, i0:i0 + lt].contiguous().reshape(-1).numpy()
-            S = _scratch("S", Hkv * R * T)
-            lsum = _scratch("lsum", Hkv * R)
+            blocks = _blocks(ks, vs, T, max(128, S_BLOCK_BYTES // (4 * Hkv * R)))
             o = _scratch("out", Hkv * R * D)
-            kn.k_phase(ks.kind, *ks.consts, ks.G, ks.bits, ks.ch, ks.tsc, it_c, it_h, it_s,
-                       it_n, ks.exact, ks.Te, _EXACT_SPAN, ks.Tc, qf, Hkv, R, D, T, S, bad_k,
-                       mode, allow, bias, i0, lt, Lq, lsum)
-            _raise_bad(bad_k, "K")
-            nvi = vit[0].shape[0] + Hkv * -(-vs.Te // _V_SPAN) if vs.kind == 2 else 0
-            part = _scratch("part", nvi * R * D)
-            kn.v_phase(vs.kind, *vs.consts, vs.G, vs.bits, vs.ch, vs.tsc, vs.exact, vs.Te,
-                       _V_SPAN, vs.Tc, S, lsum, Hkv, R, D, T, dw, o, bad_v, *vit, part)
-            _raise_bad(bad_v, "V")
+            lsum = _scratch("lsum", Hkv * R)
+            mrow = _scratch("mrow", Hkv * R)
+            acc = None
+            for a, b in blocks:
+                _attend_block(kn, ks, vs, a, b, T, nt, dw, qf, Hkv, R, D, mode, allow, bias,
+                              i0, lt, Lq, bad_k, bad_v, o, lsum, mrow)
+                if len(blocks) > 1:
+                    acc = _merge(acc, o, lsum, mrow, Hkv * R, D)
+            if acc is not None:
+                res = acc[0] / np.where(acc[1] > 0, acc[1], 1.0)[:, None]
+                o = res.astype(np.float32).reshape(-1)
             out[:, :, i0:i0 + lt] = torch.from_numpy(o).view(Hkv, n_rep, lt, D)
     return out.reshape(Hq, Lq, D).to(q.dtype)
+
+
+def _attend_block(kn: Any, ks: _Stream, vs: _Stream, a: int, b: int, T: int, nt: int,
+                  dw: int, qf: np.ndarray, Hkv: int, R: int, D: int, mode: int,
+                  allow: np.ndarray, bias: np.ndarray, i0: int, lt: int, Lq: int,
+                  bad_k: np.ndarray, bad_v: np.ndarray, o: np.ndarray, lsum: np.ndarray,
+                  mrow: np.ndarray) -> None:
+    """One query tile against the context block a .. b-1: o [Hkv, R, D] normalised by the
+    block's own softmax sums lsum [Hkv, R], block row maxima in mrow [Hkv, R]."""
+    whole = a == 0 and b == T
+    tb = b - a
+    if whole:
+        it = _chunk_items(_lengths(ks), _k_span(ks, nt, ks.Tc), ks.Hkv)
+        vit = _v_items(vs)
+        cl0, cl1 = np.zeros(vs.ch.shape[0], np.int64), np.ascontiguousarray(vs.ch[:, 3])
+    else:
+        it = _chunk_items(_lengths(ks), _k_span(ks, nt, min(b, ks.Tc) - min(a, ks.Tc)),
+                          ks.Hkv, a, b)
+        vit = _v_items(vs, a, b)
+        cl0, cl1 = _chunk_range(vs, a, b)
+    ke0, ke1 = _exact_range(ks, a, b)
+    ve0, ve1 = _exact_range(vs, a, b)
+    S = _scratch("S", Hkv * R * tb)
+    kn.k_phase(ks.kind, *ks.consts, ks.G, ks.bits, ks.ch, ks.tsc, *it, ks.exact, ks.Te, ke0,
+               ke1, _EXACT_SPAN, ks.Tc, a, qf, Hkv, R, D, tb, T, S, bad_k, mode, allow, bias,
+               i0, lt, Lq, lsum, mrow)
+    _raise_bad(bad_k, "K")
+    nvi = vit[0].shape[0] + Hkv * -(-(ve1 - ve0) // _V_SPAN) if vs.kind == 2 else 0
+    part = _scratch("part", nvi * R * D)
+    kn.v_phase(vs.kind, *vs.consts, vs.G, vs.bits, vs.ch, vs.tsc, cl0, cl1, vs.exact, vs.Te,
+               ve0, ve1, _V_SPAN, vs.Tc, a, S, lsum, Hkv, R, D, tb, dw, o, bad_v, *vit, part)
+    _raise_bad(bad_v, "V")
+
+
+def _merge(acc: tuple[np.ndarray, np.ndarray, np.ndarray] | None, o: np.ndarray,
+           lsum: np.ndarray, mrow: np.ndarray, rows: int, D: int) -> tuple[
+               np.ndarray, np.ndarray, np.ndarray]:
+    """Online-softmax merge of one block's (o normalised, lsum, mrow) into the running
+    (sum_b o_b l_b e^(m_b - M) [rows, D], sum_b l_b e^(m_b - M) [rows], M [rows]), float64."""
+    l_ = lsum.astype(np.float64)
+    m = np.where(l_ > 0, mrow.astype(np.float64), -np.inf)
+    ob = o.reshape(rows, D).astype(np.float64) * l_[:, None]
+    if acc is None:
+        return ob, l_, m
+    O, L, M = acc
+    Mn = np.maximum(M, m)
+    base = np.where(np.isfinite(Mn), Mn, 0.0)
+    fo, fn = np.isfinite(M), np.isfinite(m)
+    so = np.where(fo, np.exp(np.where(fo, M, 0.0) - base), 0.0)
+    sn = np.where(fn, np.exp(np.where(fn, m, 0.0) - base), 0.0)
+    return O * so[:, None] + ob * sn[:, None], L * so + l_ * sn, Mn
 
 
 def _raise_bad(bad: np.ndarray, name: str) -> None:

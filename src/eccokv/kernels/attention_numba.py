@@ -45,6 +45,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from eccokv.kernels import signatures as sig
 from eccokv.kernels.ecco_core import SYM_STRIDE, decode1, decode4, decode4_slow
 
 _ONE = np.uint64(1)
@@ -381,14 +382,15 @@ def _k_exact_item(kx, koff, n, D, qf, qoff, R, S, soff, T):
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _softmax_row(S, base, T, mode, allow, bias, moff, na):
     """Turn one score row S[base : base+T] into unnormalised weights exp(s - max) over the
-    allowed tokens (0 elsewhere); returns their sum (0 if no token is allowed).
+    allowed tokens (0 elsewhere); returns (their sum, the max) ((0, float32 min) if no token
+    is allowed).
     mode 0: tokens t < na allowed (causal); 1: allow[moff + t] != 0; 2: same, plus the
     additive bias[moff + t]."""
     x = S[base:base + T]
     if mode == 0:
         x[na:] = _F0
         if na <= 0:
-            return _F0
+            return _F0, _NEG
         xa = x[:na]
         m = _NEG
         for t in range(na):
@@ -400,7 +402,7 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
             e = e if z > _CUT else _F0
             xa[t] = e
             lsum += e
-        return lsum
+        return lsum, m
     al = allow[moff:moff + T]
     if mode == 2:
         bi = bias[moff:moff + T]
@@ -414,7 +416,7 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
         m = max(m, x[t] if a else _NEG)
     if cnt == 0:
         x[:] = _F0
-        return _F0
+        return _F0, _NEG
     lsum = _F0
     for t in range(T):
         z = x[t] - m
@@ -423,20 +425,20 @@ def _softmax_row(S, base, T, mode, allow, bias, moff, na):
         e = e if al[t] != 0 else _F0
         x[t] = e
         lsum += e
-    return lsum
+    return lsum, m
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
-            it_h, it_s, it_n, kx, Te, es, Tc_tot, qf, R, D, T, S, bad):
+            it_h, it_s, it_n, kx, Te, e0, e1, es, Tc_tot, a, qf, R, D, T, S, bad):
     """One K work item (see `k_phase`)."""
     nci = it_c.shape[0]
-    if it >= nci:  # exact tail: items of `es` tokens per KV head
-        ne = (Te + es - 1) // es
+    if it >= nci:  # exact tail tokens e0 .. e1-1: items of `es` tokens per KV head
+        ne = (e1 - e0 + es - 1) // es
         h = (it - nci) // ne
-        s = (it - nci - h * ne) * es
-        _k_exact_item(kx, (h * Te + s) * D, min(es, Te - s), D, qf, h * R * D, R, S,
-                      h * R * T + Tc_tot + s, T)
+        s = e0 + (it - nci - h * ne) * es
+        _k_exact_item(kx, (h * Te + s) * D, min(es, e1 - s), D, qf, h * R * D, R, S,
+                      h * R * T + Tc_tot + s - a, T)
         return
     c = it_c[it]
     h = it_h[it]
@@ -444,7 +446,7 @@ def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
     n = it_n[it]
     qoff = h * R * D
     Tc = ch[c, 3]
-    soff = h * R * T + ch[c, 4] + s
+    soff = h * R * T + ch[c, 4] + s - a
     if kind == 0:
         words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
         nb = _k_ecco_item(words, h, s // _G, (n + _G - 1) // _G, (Tc + _G - 1) // _G, Tc, D, qf,
@@ -467,39 +469,44 @@ def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
                        S, soff, T)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(sig.K_PHASE, parallel=True, cache=True, error_model="numpy")
 def k_phase(kind, t, G, bits, ch, tsc, it_c, it_h,
-            it_s, it_n, kx, Te, es, Tc_tot, qf, Hkv, R, D, T, S, bad, mode, allow, bias, i0,
-            Lt, Lq, lsum):
-    """Scores of every (KV head, tile row, token) into S, then the softmax weights in place
-    and their sums in lsum. Work items: the chunks' (it_c, it_h, it_s, it_n) = chunk, KV
-    head, first token within the chunk, token count; then the exact tail (Te tokens from
-    token Tc_tot) in pieces of `es` tokens per KV head. bad[c] = 1 for a chunk with a
-    corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
-    nit = it_c.shape[0] + Hkv * ((Te + es - 1) // es)
+            it_s, it_n, kx, Te, e0, e1, es, Tc_tot, a, qf, Hkv, R, D, T, Tt, S, bad, mode,
+            allow, bias, i0, Lt, Lq, lsum, mrow):
+    """Scores of every (KV head, tile row, token) of the context block a .. a+T-1 (of Tt
+    tokens in all) into S [Hkv, R, T], then the softmax weights in place, their sums in
+    lsum and the row maxima in mrow (block-local: `fused_attention` merges blocks). Work
+    items: the chunks' (it_c, it_h, it_s, it_n) = chunk, KV head, first token within the
+    chunk, token count (all inside the block); then the exact tail's tokens e0 .. e1-1
+    (of Te, starting at token Tc_tot) in pieces of `es` tokens per KV head. bad[c] = 1 for
+    a chunk with a corrupt Ecco block. The tile's query i0 + (r % Lt) of Lq serves row r."""
+    nit = it_c.shape[0] + Hkv * ((e1 - e0 + es - 1) // es)
     for it in prange(nit):
-        _k_item(np.int64(it), kind, t, G, bits, ch, tsc, it_c, it_h, it_s, it_n, kx, Te, es,
-                Tc_tot, qf, R, D, T, S, bad)
+        _k_item(np.int64(it), kind, t, G, bits, ch, tsc, it_c, it_h, it_s, it_n, kx, Te, e0,
+                e1, es, Tc_tot, a, qf, R, D, T, S, bad)
     for row in prange(Hkv * R):
         i = i0 + (row % R) % Lt
-        na = min(T, max(0, T - Lq + i + 1))
-        lsum[row] = _softmax_row(S, np.int64(row) * T, T, mode, allow, bias, i * T, na)
+        na = min(T, max(0, min(Tt, Tt - Lq + i + 1) - a))
+        ls, m = _softmax_row(S, np.int64(row) * T, T, mode, allow, bias, i * Tt + a, na)
+        lsum[row] = ls
+        mrow[row] = m
 
 
 # ----------------------------------------------------------------------------- V side items
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
-    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over one Ecco chunk, channels d0 .. d1-1:
-    per block A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
+def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
+    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over token groups g0 .. g1-1 of one Ecco
+    chunk (its token 0 at column t0c of P), channels d0 .. d1-1: per block
+    A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
     w = d1 - d0
     lv = np.empty(4 * _G, np.float32)
     sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(8, np.float32)
     ngroups = (Tc + _G - 1) // _G
     nbad = 0
-    for g in range(ngroups):
+    for g in range(g0, g1):
         n = min(_G, Tc - g * _G)
         tb = poff + t0c + g * _G
         lv0 = lv[0:n]
@@ -545,13 +552,13 @@ def _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, d0, d1, D, P,
-                     poff, R, T, acc, psum, buf):
-    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over one int chunk grouped per channel over
-    tokens: per group scale * (p . codes) + zero * sum(p)."""
+def _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, g0, g1, h, d0, d1,
+                     D, P, poff, R, T, acc, psum, buf):
+    """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over token groups g0 .. g1-1 of one int
+    chunk grouped per channel over tokens: per group scale * (p . codes) + zero * sum(p)."""
     w = d1 - d0
     ngroups = (Tc + G - 1) // G
-    for g in range(ngroups):
+    for g in range(g0, g1):
         tl = g * G
         n = min(G, Tc - tl)
         tb = poff + t0c + tl
@@ -602,10 +609,10 @@ def _v_int_ch_span(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, ts, n
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_exact(vx, Te, t0, h, d0, d1, D, P, poff, R, T, acc):
-    """acc[r, d - d0] += sum_t p[r, t0 + t] * vx[h, t, d] over the exact tail."""
+def _v_exact(vx, Te, e0, e1, t0, h, d0, d1, D, P, poff, R, T, acc):
+    """acc[r, d - d0] += sum_t p[r, t0 + t] * vx[h, t, d] over exact tokens e0 .. e1-1."""
     w = d1 - d0
-    for t in range(Te):
+    for t in range(e0, e1):
         vrow = vx[(h * Te + t) * D + d0:(h * Te + t) * D + d1]
         for r in range(R):
             pw = P[poff + r * T + t0 + t]
@@ -615,8 +622,8 @@ def _v_exact(vx, Te, t0, h, d0, d1, D, P, poff, R, T, acc):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_item(it, kind, t, G, bits, ch, tsc, vx, Te,
-            Tc_tot, P, lsum, R, D, T, dw, out, bad):
+def _v_item(it, kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1,
+            Tc_tot, a, P, lsum, R, D, T, dw, out, bad):
     """One V work item (see `v_phase`)."""
     nch = ch.shape[0]
     nd = (D + dw - 1) // dw
@@ -629,11 +636,14 @@ def _v_item(it, kind, t, G, bits, ch, tsc, vx, Te,
     psum = np.empty(R, np.float32)
     buf = np.empty(max(G, _G, D), np.float32)
     for c in range(nch):
+        if cl1[c] <= cl0[c]:
+            continue
         Tc = ch[c, 3]
-        t0c = ch[c, 4]
+        t0c = ch[c, 4] - a
         if kind == 0:
             words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
-            if _v_ecco_chunk(words, Tc, t0c, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc[c]):
+            if _v_ecco_chunk(words, Tc, t0c, cl0[c] // _G, (cl1[c] + _G - 1) // _G, h, d0, d1,
+                             D, P, poff, R, T, acc, psum, t, tsc[c]):
                 bad[c] = 1
         else:
             is32 = ch[c, 5] == 1
@@ -643,10 +653,10 @@ def _v_item(it, kind, t, G, bits, ch, tsc, vx, Te,
             sc32 = carray(_ptr_f32(ch[c, 1]), n1 if is32 else 0)
             z16 = carray(_ptr_u16(ch[c, 2]), 0 if is32 else n1)
             z32 = carray(_ptr_f32(ch[c, 2]), n1 if is32 else 0)
-            _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, h, d0, d1, D,
-                             P, poff, R, T, acc, psum, buf)
-    if Te > 0:
-        _v_exact(vx, Te, Tc_tot, h, d0, d1, D, P, poff, R, T, acc)
+            _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, cl0[c] // G,
+                             (cl1[c] + G - 1) // G, h, d0, d1, D, P, poff, R, T, acc, psum, buf)
+    if e1 > e0:
+        _v_exact(vx, Te, e0, e1, Tc_tot - a, h, d0, d1, D, P, poff, R, T, acc)
     for r in range(R):
         lr = lsum[h * R + r]
         inv = _F1 / lr if lr > _F0 else _F0
@@ -656,8 +666,8 @@ def _v_item(it, kind, t, G, bits, ch, tsc, vx, Te,
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot, P, R, D, T,
-                 part):
+def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, e0, e1, es, Tc_tot, a, P,
+                 R, D, T, part):
     """One token-span V work item (int chunks grouped over channels, or the exact tail in
     pieces of `es` tokens per head): its partial sum_t p[r, t] * V[t, :] goes to
     part[it, r, :]."""
@@ -665,14 +675,14 @@ def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot, P,
     acc = part[it * R * D:(it + 1) * R * D]
     acc[:] = _F0
     if it >= nci:
-        ne = (Te + es - 1) // es
+        ne = (e1 - e0 + es - 1) // es
         h = (it - nci) // ne
-        s = (it - nci - h * ne) * es
+        s = e0 + (it - nci - h * ne) * es
         poff = h * R * T
-        for t in range(s, min(Te, s + es)):
+        for t in range(s, min(e1, s + es)):
             vrow = vx[(h * Te + t) * D:(h * Te + t + 1) * D]
             for r in range(R):
-                pw = P[poff + r * T + Tc_tot + t]
+                pw = P[poff + r * T + Tc_tot - a + t]
                 arow = acc[r * D:r * D + D]
                 for j in range(D):
                     arow[j] += pw * vrow[j]
@@ -690,8 +700,8 @@ def _v_span_item(it, G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot, P,
     z16 = carray(_ptr_u16(ch[c, 2]), 0 if is32 else n1)
     z32 = carray(_ptr_f32(ch[c, 2]), n1 if is32 else 0)
     buf = np.empty(D, np.float32)
-    _v_int_ch_span(codes, sc16, sc32, z16, z32, is32, bits, G, ch[c, 3], ch[c, 4], h, s, n, D,
-                   P, poff, R, T, acc, buf)
+    _v_int_ch_span(codes, sc16, sc32, z16, z32, is32, bits, G, ch[c, 3], ch[c, 4] - a, h, s, n,
+                   D, P, poff, R, T, acc, buf)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -718,23 +728,25 @@ def _v_reduce_row(row, R, D, it_h, ne, part, lsum, out):
         o[j] *= inv
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def v_phase(kind, t, G, bits, ch, tsc, vx, Te, es,
-            Tc_tot, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
-    """out[h, r, d] = sum_t p[h, r, t] * V[h, t, d] / lsum[h, r] (0 where lsum == 0).
-    kind 0/1: work items (KV head, dw consecutive channels), each over every chunk and the
-    exact tail. kind 2 (int grouped over channels): token-span items (it_c, it_h, it_s,
-    it_n and the exact tail in pieces of `es` tokens, as in `k_phase`) write partial sums
-    into part [items, R, D], then one reduction per output row."""
+@njit(sig.V_PHASE, parallel=True, cache=True, error_model="numpy")
+def v_phase(kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1, es,
+            Tc_tot, a, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
+    """out[h, r, d] = sum_t p[h, r, t] * V[h, a + t, d] / lsum[h, r] (0 where lsum == 0)
+    over the context block a .. a+T-1 (p = P [Hkv, R, T] from `k_phase`).
+    kind 0/1: work items (KV head, dw consecutive channels), each over chunk c's tokens
+    cl0[c] .. cl1[c]-1 (group aligned; none where cl1 <= cl0) and the exact tail's tokens
+    e0 .. e1-1. kind 2 (int grouped over channels): token-span items (it_c, it_h, it_s,
+    it_n and the exact tokens in pieces of `es`, as in `k_phase`) write partial sums into
+    part [items, R, D], then one reduction per output row."""
     if kind == 2:
-        ne = (Te + es - 1) // es
+        ne = (e1 - e0 + es - 1) // es
         for it in prange(it_c.shape[0] + Hkv * ne):
-            _v_span_item(np.int64(it), G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, es, Tc_tot,
-                         P, R, D, T, part)
+            _v_span_item(np.int64(it), G, bits, ch, it_c, it_h, it_s, it_n, vx, Te, e0, e1, es,
+                         Tc_tot, a, P, R, D, T, part)
         for row in prange(Hkv * R):
             _v_reduce_row(np.int64(row), R, D, it_h, ne, part, lsum, out)
     else:
         nd = (D + dw - 1) // dw
         for it in prange(Hkv * nd):
-            _v_item(np.int64(it), kind, t, G, bits, ch, tsc, vx, Te, Tc_tot, P, lsum, R, D, T, dw,
-                    out, bad)
+            _v_item(np.int64(it), kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1, Tc_tot, a,
+                    P, lsum, R, D, T, dw, out, bad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from eccokv.kernels import signatures as sig
 from eccokv.kernels.ecco_core import SYM_STRIDE, G, decode1, decode4, f32_bits, header, symbols4
 
 
@@ -78,7 +79,7 @@ def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
 
 
 
-@njit(cache=True, parallel=True)
+@njit(sig.ENCODE_BLOCKS, cache=True, parallel=True)
 def encode_blocks(
     groups, nvalid_last, ngroups, levels, mids, kstart, lengths, codes, errtab, nbuckets,
     scale_table, tscale, scale_steps, sb, lb, ctab, htab, pb, cb, fb, ps, block_bits, ncand,
@@ -437,7 +438,7 @@ def _store_rows(lv, AB, nblk, m0, gi, length, ngroups, suffix, out, kind):
                 _put_value(out, o + i, lv[i * G + j], kind)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(sig.DECODE_BLOCKS, cache=True, parallel=True, error_model="numpy")
 def decode_blocks(words, nb, t, tsc, length, ngroups, suffix, out, kind, bad):
     """Decode nb Ecco blocks straight into the flat output `out` (float32 if kind == 0,
     else the uint16 bits of bf16 (1) or fp16 (2)) in the grouping layout: block
@@ -484,7 +485,7 @@ def decode_blocks(words, nb, t, tsc, length, ngroups, suffix, out, kind, bad):
         _store_rows(lv, AB, m1 - m0, m0, gi, length, ngroups, suffix, out, kind)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(sig.SYMBOLS_PASS, cache=True, parallel=True, error_model="numpy")
 def symbols_pass(words, nb, t):
     """Phase 1 alone (the serial Huffman pass of the decode core) over nb blocks, four at a
     time: for benchmarks, to split decode time into the Huffman pass and the rest (levels,
