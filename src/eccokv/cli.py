@@ -274,6 +274,58 @@ def cmd_fuzz(a: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from eccokv import store as S
+
+    st = S.open(args.url)
+    if args.action == "stats":
+        res: dict[str, Any] = st.stats()
+        rc = 0 if res.get("available") else 1
+    elif args.action == "clear":
+        res = {"url": args.url, "deleted": st.clear()}
+        rc = 0
+    else:
+        res = st.verify(delete=args.delete)
+        res["url"] = args.url
+        rc = 0 if not res["bad"] else 1
+    if args.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return rc
+
+
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    from eccokv.bench import store as bs
+
+    res = bs.run(model_name=args.model, prompts=[int(t) for t in args.prompt_tokens.split(",")],
+                 out_dir=args.out_dir, command=_command_line(),
+                 say=(lambda m: None) if args.json else print)
+    if args.json:
+        _print_json(res)
+    else:
+        print(bs.to_markdown(res))
+    return 0
+
+
+def _add_store_parsers(sub: Any, bench: Any) -> None:
+    s = sub.add_parser("store", help="inspect a prefix store: stats, clear, verify")
+    s.add_argument("action", choices=("stats", "clear", "verify"))
+    s.add_argument("--url", required=True, help="dir:///abs/path or redis://host:port/db")
+    s.add_argument("--delete", action="store_true", help="verify: delete the bad entries")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_store)
+
+    s = bench.add_parser("store", help="time to first token from a warm prefix (dir, Redis) "
+                         "vs cold prefill, stored bytes/token, put/get MB/s (-> store.{json,md})")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--prompt-tokens", default="1024,4096,8000")
+    s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_store)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eccokv", description=(
         "Entropy-coded KV-cache compression (Ecco block codec) for transformers models."))
@@ -372,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_fuzz)
 
+    _add_store_parsers(sub, b)
     _add_eval_parsers(sub)
     return p
 

@@ -72,15 +72,24 @@ def open(url: str) -> Store:  # noqa: A001 - the public name the issue asks for
 
 
 def generate(model: Any, input_ids: Any, store: Store | None, cache_kwargs: dict | None = None,
-             **generate_kwargs: Any) -> tuple[Any, Any]:
-    """from_store, generate, to_store in one call; returns (generate's output, cache)."""
+             chunk_tokens: int | None = None, **generate_kwargs: Any) -> tuple[Any, Any]:
+    """Generate with a prefix store; returns (generate's output, cache).
+
+    The longest stored prefix is loaded (`EccoCache.from_store`), the prompt's other full
+    chunks are computed one chunk per forward (`prefix.fill_chunks`) and stored at once,
+    then `model.generate` computes the rest. Loaded or computed, each chunk is the same
+    bits, so the output does not depend on what the store held: a store that is down,
+    empty, partly written or full of corrupt entries gives exactly the output of
+    `generate(model, input_ids, None)`."""
     import torch
 
     from eccokv.hf.cache import EccoCache
+    from eccokv.store.prefix import fill_chunks
 
-    cache = EccoCache.from_store(store, model, input_ids, **(cache_kwargs or {}))
+    cache = EccoCache.from_store(store, model, input_ids, chunk_tokens=chunk_tokens,
+                                 **(cache_kwargs or {}))
+    if fill_chunks(cache, model, input_ids, chunk_tokens) and store is not None:
+        cache.to_store(store)
     with torch.no_grad():
         out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
-    if store is not None:
-        cache.to_store(store)
     return out, cache

@@ -239,3 +239,35 @@ def write(cache: Any, store: Any, token_ids: Any = None, chunk_tokens: int | Non
     if not items:
         return 0
     return store.put_many(items)
+
+
+def fill_chunks(cache: Any, model: Any, input_ids: Any, chunk_tokens: int | None = None) -> int:
+    """Compute the full chunks of input_ids [1, T] that `cache` (from `lookup`) lacks, one
+    forward per chunk, each chunk compressed whole on its own (no exact window at chunk
+    boundaries). The cache then depends only on the tokens, not on which chunks came from
+    the store: computed or loaded, chunk j is the same bits. Returns the chunks computed."""
+    ids = _ids_list(input_ids)
+    plan = _Plan(cache, model.config, _model_dtype(model), chunk_tokens)
+    have = cache.get_seq_length()
+    if have and ((have - plan.sink) % plan.C or any(
+            layer.k.exact_len or layer.v.exact_len for layer in cache.layers)):
+        raise ValueError(f"fill_chunks needs a cache at a chunk boundary with no exact window "
+                         f"(from EccoCache.from_store); this one holds {have} tokens")
+    j0 = 0 if have == 0 else (have - plan.sink) // plan.C
+    k = max(0, (len(ids) - 1 - plan.sink) // plan.C)
+    if j0 >= k:
+        return 0
+    t = torch.tensor([ids], dtype=torch.int64)
+    saved = [(layer.k.residual, layer.v.residual) for layer in cache.layers]
+    try:
+        for layer in cache.layers:
+            layer.k.residual = layer.v.residual = 0
+        with torch.no_grad():
+            for j in range(j0, k):
+                lo = 0 if j == 0 else plan.sink + j * plan.C
+                model(t[:, lo:plan.sink + (j + 1) * plan.C], past_key_values=cache,
+                      use_cache=True)
+    finally:
+        for layer, (rk, rv) in zip(cache.layers, saved, strict=True):
+            layer.k.residual, layer.v.residual = rk, rv
+    return k - j0

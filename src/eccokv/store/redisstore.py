@@ -50,7 +50,7 @@ class RedisStore(Store):
         self.part_bytes = int(part_bytes)
         self.ttl = int(ttl) or None
         self.r = redis.Redis(host=host, port=port, db=db, socket_timeout=timeout,
-                             socket_connect_timeout=timeout, retry_on_timeout=False)
+                             socket_connect_timeout=timeout)
         self._err = _errors()
 
     def _k(self, key: str) -> str:
