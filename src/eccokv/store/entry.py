@@ -20,6 +20,7 @@ other token ids, shapes that do not fit, and (decode_check) blocks that fail to 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,7 @@ def decode_entry(data: bytes | bytearray | memoryview, key: str | None = None,
         raise EntryError("entry token ids differ from the prompt's (hash collision or "
                          "foreign entry)")
     C = doc["chunk_tokens"]
+    built: dict[str, Any] = {}  # codecs by config (verify: no expected codecs given)
     pieces: list[tuple[list[Compressed], list[Compressed]]] = []
     sinks: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if doc["has_sink"] else None
     if expect is not None and (doc["has_sink"] != (expect.index == 0 and expect.sink > 0)):
@@ -180,9 +182,12 @@ def decode_entry(data: bytes | bytearray | memoryview, key: str | None = None,
                         raise EntryError(f"layer {i} {name} piece {p}: {e}") from None
                 elif decode_check:
                     try:
-                        from eccokv.codecs import get
+                        ck = json.dumps(c.codec_config, sort_keys=True)
+                        if ck not in built:
+                            from eccokv.codecs import get
 
-                        get(c.codec_config).decode(c)
+                            built[ck] = get(c.codec_config)
+                        built[ck].decode(c)
                     except (CodecError, KeyError, ValueError, TypeError) as e:
                         raise EntryError(f"layer {i} {name} piece {p}: {e}") from None
                 cs.append(c)

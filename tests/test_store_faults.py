@@ -1,0 +1,257 @@
+"""Faults with real storage: a Valkey server SIGKILLed in the middle of writes and
+restarted (append-only file, so what a crash left behind is read back), a connection
+refused, a server that stops answering, a process SIGKILLed while writing to the directory
+store, two processes writing the same prefix at once, a full disk. Each ends with no
+corrupt hit, a store whose every entry verifies, and the output (tokens and logits)
+identical to `eccokv.store.generate(model, ids, None)`, the run without a store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import eccokv.store as S
+from test_cache import _ids, tiny
+
+L = 1000  # 3 chunks of 256 after the 4-token sink
+NEW = 6
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", head_dim=64)[0]
+
+
+_refs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _run(model, seed, store):
+    """(tokens, logits) of the store-backed generate for prompt `seed`; never raises."""
+    ids = _ids(1, L, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, _ = S.generate(model, ids, store, max_new_tokens=NEW, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _ref(model, seed):
+    if seed not in _refs:
+        _refs[seed] = _run(model, seed, None)
+    return _refs[seed]
+
+
+def _same(got, ref):
+    return torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def _check_store(store):
+    v = store.verify()
+    assert v["bad"] == [], v["bad"]
+    assert store.stats()["corrupt"] == 0
+    return v["entries"]
+
+
+# ------------------------------------------------------------------ Redis killed mid-write
+
+
+def _kill_cycles(model, valkey_factory, cycles, seeds, rng):
+    srv = valkey_factory(appendonly=True)
+    url = f"{srv.url}?timeout=1&retry=0&part_bytes=16K"
+    seen = {"partial": 0, "empty": 0, "complete": 0}
+    for cycle in range(cycles):
+        seed = seeds[cycle % len(seeds)]
+        ref = _ref(model, seed)
+        store = S.open(url)
+        store.clear()
+        got: list = []
+        th = threading.Thread(target=lambda g=got, s=seed, st=store: g.append(_run(model, s, st)))
+        th.start()
+        time.sleep(rng.uniform(0.0, 0.6))
+        srv.kill()
+        th.join(120)
+        assert not th.is_alive() and _same(got[0], ref), f"cycle {cycle}: generate changed"
+        srv.start()
+        after = S.open(url)
+        n = _check_store(after)
+        seen["complete" if n == 3 else "partial" if n else "empty"] += 1
+        assert _same(_run(model, seed, after), ref), f"cycle {cycle}: warm output changed"
+        assert after.stats()["corrupt"] == 0 and _check_store(after) == 3
+    return seen
+
+
+def test_redis_killed_mid_writes_then_restarted(model, valkey_factory):
+    seen = _kill_cycles(model, valkey_factory, 4, [21, 22], random.Random(1))
+    assert sum(seen.values()) == 4
+
+
+@pytest.mark.slow
+def test_redis_kill_restart_50_cycles(model, valkey_factory):
+    seen = _kill_cycles(model, valkey_factory, 50, [31, 32, 33], random.Random(7))
+    print(f"50 kill/restart cycles: entries found after restart {seen}")
+    assert sum(seen.values()) == 50
+
+
+# ------------------------------------------------------------------ store unreachable
+
+
+def test_connection_refused_falls_back_with_a_warning(model):
+    from eccokv.store.server import free_port
+
+    store = S.open(f"redis://127.0.0.1:{free_port()}/0?timeout=0.5")
+    ids = _ids(1, L, seed=23)
+    with pytest.warns(RuntimeWarning, match="unavailable.*computing without it"):
+        out, _ = S.generate(model, ids, store, max_new_tokens=NEW, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    assert _same((out.sequences, torch.stack(out.logits)), _ref(model, 23))
+    st = store.stats()
+    assert st["errors"] >= 1 and st["available"] is False and st["hits"] == 0
+
+
+def test_server_that_stops_answering_times_out(model, valkey_factory):
+    srv = valkey_factory()
+    url = f"{srv.url}?timeout=0.5&retry=30"
+    S.generate(model, _ids(1, L, seed=24), S.open(url), max_new_tokens=1)
+    srv.pause()  # SIGSTOP: connections are accepted by the kernel, nothing answers
+    try:
+        store = S.open(url)
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="unavailable.*Timeout"):
+            got = _run_warn(model, 24, store)
+        assert time.monotonic() - t0 < 30
+        assert _same(got, _ref(model, 24))
+        assert store.stats()["hits"] == 0 and store.stats()["errors"] == 1  # skipped after
+    finally:
+        srv.resume()
+    again = S.open(url)
+    assert _same(_run(model, 24, again), _ref(model, 24)) and again.stats()["hits"] == 3
+
+
+def _run_warn(model, seed, store):
+    ids = _ids(1, L, seed=seed)
+    out, _ = S.generate(model, ids, store, max_new_tokens=NEW, do_sample=False,
+                        output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+# ------------------------------------------------------------------ dir writer killed
+
+_WRITER = textwrap.dedent("""
+    import os, sys
+    from eccokv.store.dirstore import DirStore
+    src, dst = sys.argv[1], sys.argv[2]
+    items = []
+    for sub in sorted(os.listdir(src)):
+        d = os.path.join(src, sub)
+        if sub != "tmp" and os.path.isdir(d):
+            for f in sorted(os.listdir(d)):
+                items.append((f[:-4], open(os.path.join(d, f), "rb").read()))
+    store = DirStore("dir://" + dst, dst, fsync=True)
+    print("ready", flush=True)
+    while True:
+        store._clear()
+        for k, v in items:
+            store._put(k, v)
+""")
+
+
+def test_dir_writer_killed_mid_write(model, tmp_path):
+    src = tmp_path / "src"
+    seeds = (25, 26)
+    for s in seeds:
+        _run(model, s, S.open(f"dir://{src}"))
+    dst = tmp_path / "dst"
+    rng = random.Random(3)
+    leftovers = 0
+    for cycle in range(6):
+        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(src / "eccokv-v1"), str(dst)],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        store = S.open(f"dir://{dst}")
+        leftovers += store.stats()["temporaries"]
+        _check_store(store)
+        for s in seeds:
+            assert _same(_run(model, s, store), _ref(model, s)), f"cycle {cycle}"
+        assert store.stats()["corrupt"] == 0
+    print(f"dir writer killed 6 times; temporaries left by a kill mid-write: {leftovers}")
+
+
+# ------------------------------------------------------------------ two writers
+
+_TWO = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    import torch, eccokv.store as S
+    from test_cache import tiny, _ids
+    model = tiny("llama", head_dim=64)[0]
+    store = S.open(sys.argv[1])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    out, _ = S.generate(model, _ids(1, int(sys.argv[2]), seed=27), store, max_new_tokens=6,
+                        do_sample=False)
+    print(out[0, -6:].tolist(), store.stats()["puts"], flush=True)
+""")
+
+
+@pytest.mark.parametrize("backend", ["dir", "redis"])
+def test_two_processes_write_the_same_prefix(model, tmp_path, redis_url, backend):
+    url = f"dir://{tmp_path}/s" if backend == "dir" else redis_url + "&part_bytes=16K"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO, url, str(L), str(TESTS)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:  # both start at once
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ref = _ref(model, 27)
+    for o in outs:
+        assert o.split("]")[0] + "]" == str(ref[0][0, -NEW:].tolist())
+    store = S.open(url)
+    assert _check_store(store) == 3  # one entry per chunk, whoever won each
+    assert _same(_run(model, 27, store), ref) and store.stats()["hits"] == 3
+
+
+# ------------------------------------------------------------------ full disk
+
+
+def test_full_disk_and_size_limit(model, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        store = S.open(f"dir://{mnt}?max_bytes=1G&retry=0")  # the disk fills before the limit
+        with pytest.warns(RuntimeWarning, match="No space left on device"):
+            got = _run_warn(model, 28, store)
+        assert _same(got, _ref(model, 28))
+        n = _check_store(store)
+        assert n < 3 and store.stats()["temporaries"] == 0
+        assert _same(_run(model, 28, S.open(f"dir://{mnt}?max_bytes=1G&retry=0")), _ref(model, 28))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    limited = S.open(f"dir://{tmp_path}/lim?max_bytes=200K")  # ~71 KB entries: two fit
+    for s in (28, 29):
+        assert _same(_run(model, s, limited), _ref(model, s))
+        assert limited.stats()["bytes"] <= 200 << 10
+    _check_store(limited)
