@@ -292,6 +292,16 @@ def read_cache_file(data: bytes | bytearray | memoryview, config: Any) -> dict[s
     Returns {"header", "sections", "chunks": {blob index: Compressed}}; raises
     CacheFileError naming what is wrong (corrupt, truncated, other model, other codec or
     format version)."""
+    try:
+        return _read(data, config)
+    except CacheFileError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            RuntimeError) as e:
+        raise CacheFileError(f"malformed cache file: {type(e).__name__}: {e}") from None
+
+
+def _read(data: bytes | bytearray | memoryview, config: Any) -> dict[str, Any]:
     from eccokv.codecs.serialize import FORMAT_VERSION, from_bytes
 
     try:
@@ -342,7 +352,8 @@ def load_bytes(data: bytes | bytearray | memoryview, config: Any, **cache_kwargs
         _fill(cache, doc, secs, chunks, config)
     except CacheFileError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            RuntimeError) as e:
         raise CacheFileError(f"cache file does not fit this model/eccokv: "
                              f"{type(e).__name__}: {e}") from None
     return cache

@@ -98,7 +98,19 @@ def _tokens(c: Compressed, head_dim: int | None = None) -> int:
 def decode_entry(data: bytes | bytearray | memoryview, key: str | None = None,
                  expect: Expect | None = None, decode_check: bool = True) -> Entry:
     """Parse and validate one entry; without `expect` only its own consistency is checked
-    (what `eccokv store verify` does). Raises EntryError naming the problem."""
+    (what `eccokv store verify` does). Raises EntryError naming the problem (TypeError
+    if `data` is not bytes-like)."""
+    try:
+        return _decode_entry(data, key, expect, decode_check)
+    except (EntryError, TypeError):
+        raise
+    except (KeyError, ValueError, IndexError, AttributeError, OverflowError,
+            RuntimeError) as e:  # anything the checks above did not name
+        raise EntryError(f"malformed store entry: {type(e).__name__}: {e}") from None
+
+
+def _decode_entry(data: bytes | bytearray | memoryview, key: str | None,
+                  expect: Expect | None, decode_check: bool) -> Entry:
     from eccokv.codecs.serialize import from_bytes
     from eccokv.hf.persist import CacheFileError, tensor_from
 
