@@ -300,6 +300,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     from eccokv.bench import store as bs
 
     res = bs.run(model_name=args.model, prompts=[int(t) for t in args.prompt_tokens.split(",")],
+                 chunk_tokens=tuple(int(t) for t in args.chunk_tokens.split(",")),
                  out_dir=args.out_dir, command=_command_line(),
                  say=(lambda m: None) if args.json else print)
     if args.json:
@@ -321,6 +322,7 @@ def _add_store_parsers(sub: Any, bench: Any) -> None:
                          "vs cold prefill, stored bytes/token, put/get MB/s (-> store.{json,md})")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--prompt-tokens", default="1024,4096,8000")
+    s.add_argument("--chunk-tokens", default="256,128", help="store chunk sizes to measure")
     s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_store)
