@@ -175,3 +175,24 @@ def test_cache_files_and_store_entries_short_campaign():
     assert set(r["by_mutation"]["swap"]) == {"rejected"}
     for k in fuzz.GUARANTEED:
         assert set(r["by_mutation"][k]) == {"rejected"}, (k, r["by_mutation"][k])
+
+
+def test_mutations_do_not_depend_on_earlier_entries():
+    """Entry i's bytes depend only on (seed, i): the same entry after 3,000 others is the
+    same (shared JSON atoms edited in place once broke this and grew without bound)."""
+    import random
+
+    ts = targets()
+    by_kind: dict = {}
+    for t in ts:
+        by_kind.setdefault(t.kind, []).append(t)
+
+    def entry(i):
+        rng = random.Random(11 * 2**32 + i)
+        t = ts[rng.randrange(len(ts))]
+        return fuzz.mutate(t, rng, [d for d in by_kind[t.kind] if d is not t])
+
+    first = [entry(i) for i in range(200)]
+    for i in range(200, 3000):
+        entry(i)
+    assert [entry(i) for i in range(200)] == first

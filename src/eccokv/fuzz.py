@@ -452,7 +452,10 @@ def _rand_json(rng: random.Random, depth: int = 0) -> Any:
                 for _ in range(rng.randrange(3))}
     if r < 0.3:
         return rng.randint(-(2**70), 2**70)
-    return rng.choice(_JSON_ATOMS)
+    v = rng.choice(_JSON_ATOMS)
+    # a fresh copy: the shared [] / {} atoms must never be edited in place (that made later
+    # entries depend on earlier ones and grow without bound)
+    return json.loads(json.dumps(v)) if isinstance(v, (list, dict)) else v
 
 
 def _nodes(doc: Any, path: tuple = ()) -> list[tuple]:
