@@ -478,6 +478,7 @@ def test_context_blocks_cut_only_where_both_streams_allow():
         ks.ch[:, 3] = kl
         vs.ch = np.zeros((len(vl), 8), np.int64)
         vs.ch[:, 3] = vl
+        ks.lengths, vs.lengths = tuple(kl), tuple(vl)
         tb = int(rng.integers(128, 600))
         blocks = A._blocks(ks, vs, T, tb)
 

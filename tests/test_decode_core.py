@@ -138,8 +138,18 @@ def test_validated_chunks_are_frozen_and_revalidated_when_replaced():
     assert not k.arrays["blocks"].flags.writeable
     with pytest.raises(ValueError):
         k.arrays["blocks"][1] = 0
-    blocks = k.arrays["blocks"].copy()
+    good = k.arrays["blocks"]
+    blocks = good.copy()
     blocks[1:-1] = np.uint64(2**64 - 1)  # all-ones codes overrun
     k.arrays["blocks"] = blocks
+    with pytest.raises(CodecError, match="corrupt"):
+        fused_attention(q, [k], None, [k], None, scaling=1.0)
+    # the stream memo too: a stream of the very same chunks whose array was made writable
+    # and edited in place is checked again, not reused
+    k.arrays["blocks"] = good
+    fused_attention(q, [k], None, [k], None, scaling=1.0)
+    fused_attention(q, [k], None, [k], None, scaling=1.0)  # a stream memo hit
+    good.setflags(write=True)
+    good[1:-1] = np.uint64(2**64 - 1)
     with pytest.raises(CodecError, match="corrupt"):
         fused_attention(q, [k], None, [k], None, scaling=1.0)
