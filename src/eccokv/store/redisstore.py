@@ -2,8 +2,9 @@
 
 Through redis-py. An entry up to `part_bytes` is one string value under
 `<prefix><key hex>`. A larger one is split: its parts go under
-`<prefix><key hex>:<digest>:<i>` (the digest is of the whole entry, so two writers never
-mix parts), then a small manifest (b"ECKP", part count, length, blake2b digest) goes under
+`<prefix><key hex>:<nonce>:<i>` (a random nonce per write, so two writers never touch
+each other's parts), then a small manifest (b"ECKP", part count, length, blake2b digest,
+nonce) goes under
 the entry's key, last, with SET NX: a reader finds either a complete entry or none, and a
 writer that loses the race deletes its parts. Writes of one `to_store` go in one
 pipeline. Expiry and eviction are the server's (maxmemory-policy; `ttl` sets an expiry on
@@ -14,6 +15,7 @@ Connection refused / timeouts (`timeout` seconds) raise StoreUnavailable (see ba
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from eccokv.store.base import Store, StoreUnavailable
 
 PART_MAGIC = b"ECKP"
-_MANIFEST = struct.Struct("<4sIQ32s")
+_MANIFEST = struct.Struct("<4sIQ32s8s")  # magic, parts, length, blake2b, writer nonce
 DEFAULT_PART = 4 << 20
 MAX_PARTS = 1 << 16
 
@@ -83,12 +85,12 @@ class RedisStore(Store):
     def _join(self, key: str, manifest: bytes) -> bytes | None:
         if len(manifest) != _MANIFEST.size:
             return manifest  # the entry parser rejects it (counted as corrupt)
-        _, n, total, digest = _MANIFEST.unpack(manifest)
+        _, n, total, digest, nonce = _MANIFEST.unpack(manifest)
         if not 0 < n <= MAX_PARTS:
             return manifest
         pipe = self.r.pipeline(transaction=False)
         for i in range(n):
-            pipe.get(self._part(key, digest, i))
+            pipe.get(self._part(key, nonce, i))
         parts = pipe.execute()
         if any(p is None for p in parts):  # a part evicted/expired: the entry is gone
             self._delete_if(key, manifest)
@@ -98,8 +100,8 @@ class RedisStore(Store):
             return manifest  # mismatch -> rejected as corrupt by the caller
         return data
 
-    def _part(self, key: str, digest: bytes, i: int) -> str:
-        return f"{self._k(key)}:{digest[:8].hex()}:{i}"
+    def _part(self, key: str, nonce: bytes, i: int) -> str:
+        return f"{self._k(key)}:{nonce.hex()}:{i}"
 
     def _exists(self, keys: list[str]) -> list[bool]:
         def go() -> list[bool]:
@@ -123,23 +125,24 @@ class RedisStore(Store):
                     pos += 1
                     continue
                 digest = hashlib.blake2b(data, digest_size=32).digest()
+                nonce = os.urandom(8)  # this write's parts: a losing writer deletes only its own
                 n = -(-len(data) // self.part_bytes)
                 for i in range(n):
-                    pipe.set(self._part(key, digest, i),
+                    pipe.set(self._part(key, nonce, i),
                              data[i * self.part_bytes:(i + 1) * self.part_bytes], ex=self.ttl)
-                pipe.set(self._k(key), _MANIFEST.pack(PART_MAGIC, n, len(data), digest),
+                pipe.set(self._k(key), _MANIFEST.pack(PART_MAGIC, n, len(data), digest, nonce),
                          nx=True, ex=self.ttl)
                 pos += n
-                slots.append((pos, key, digest, n))
+                slots.append((pos, key, nonce, n))
                 pos += 1
             res = pipe.execute()
             landed = 0
             losers = []
-            for idx, key, digest, n in slots:
+            for idx, key, nonce, n in slots:
                 if res[idx]:
                     landed += 1
                 elif n:
-                    losers += [self._part(key, digest, i) for i in range(n)]
+                    losers += [self._part(key, nonce, i) for i in range(n)]
             if losers:
                 self.r.delete(*losers)
             return landed
@@ -162,8 +165,8 @@ class RedisStore(Store):
                         return False
                     parts = []
                     if cur[:4] == PART_MAGIC and len(cur) == _MANIFEST.size:
-                        _, n, _, digest = _MANIFEST.unpack(cur)
-                        parts = [self._part(key, digest, i) for i in range(min(n, MAX_PARTS))]
+                        _, n, _, _, nonce = _MANIFEST.unpack(cur)
+                        parts = [self._part(key, nonce, i) for i in range(min(n, MAX_PARTS))]
                     pipe.multi()
                     pipe.delete(name, *parts)
                     pipe.execute()
