@@ -496,3 +496,14 @@ def test_context_blocks_cut_only_where_both_streams_allow():
             assert ok(a, kl, kg) and ok(a, vl, vg)
             if b - a > tb:  # only where no valid cut lies in (a, a + tb]
                 assert not any(ok(p, kl, kg) and ok(p, vl, vg) for p in range(a + 1, a + tb + 1))
+
+
+def test_codec_cache_is_bounded():
+    """Codec configs come from data: the per-config codec cache stays bounded (LRU)."""
+    import eccokv.kernels.attention as A
+
+    base = C.get("int4").get_config()
+    for g in range(2, A._CODECS_MAX + 20):
+        A._codec_for({**base, "group_size": g})
+    assert len(A._CODECS) <= A._CODECS_MAX
+    assert A._codec_for(base) is A._codec_for(base)

@@ -108,7 +108,8 @@ def fused_supported(codec: str | dict[str, Any] | Codec, axis: int) -> bool:
 
 # ----------------------------------------------------------------------------- codec cache
 
-_CODECS: dict[Any, Codec] = {}
+_CODECS: OrderedDict[Any, Codec] = OrderedDict()
+_CODECS_MAX = 64
 _LOCK = threading.Lock()
 
 _F32 = np.zeros(1, np.float32)
@@ -126,15 +127,22 @@ def _key(cfg: dict[str, Any]) -> Any:
 
 
 def _codec_for(cfg: dict[str, Any]) -> Codec:
+    """The codec of a chunk's config, built once (an LRU of `_CODECS_MAX` configs: configs
+    come from data, so their number is not ours to bound)."""
     k = _key(cfg)
-    c = _CODECS.get(k)
-    if c is None:
-        try:
-            c = codecs.get(cfg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CodecError(f"cannot build the codec {cfg} of the compressed data: {e}") from e
-        with _LOCK:
-            _CODECS[k] = c
+    with _LOCK:
+        c = _CODECS.get(k)
+        if c is not None:
+            _CODECS.move_to_end(k)
+            return c
+    try:
+        c = codecs.get(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"cannot build the codec {cfg} of the compressed data: {e}") from e
+    with _LOCK:
+        _CODECS[k] = c
+        while len(_CODECS) > _CODECS_MAX:
+            _CODECS.popitem(last=False)
     return c
 
 
