@@ -191,3 +191,22 @@ def test_failed_compression_leaves_the_layer_as_it_was(monkeypatch):
     monkeypatch.undo()
     layer.update(kv[1], kv[1])
     assert layer.k.compressed_len == layer.v.compressed_len == 128 and layer.seq == 140
+
+
+def test_fused_false_holds_after_a_fused_cache_switched_the_config(monkeypatch):
+    """EccoCache(fused=False) never runs the fused kernels, even when an earlier fused
+    cache already switched the model's attention to eccokv's; its logits are those of the
+    decode path."""
+    import eccokv.kernels.attention as KA
+
+    model, cfg = tiny("llama", head_dim=32)
+    ids = _ids(1, 150, seed=5)
+    _steps(model, EccoCache(cfg, "ecco4", residual_length=8), ids[:, :145], 140)  # fused
+    calls = []
+    real = KA.fused_attention
+    monkeypatch.setattr(KA, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = _steps(model, EccoCache(cfg, "ecco4", residual_length=8, fused=False), ids, 140)
+    assert not calls
+    fused = _steps(model, EccoCache(cfg, "ecco4", residual_length=8), ids, 140)
+    assert calls  # the same model still runs fused for a fused cache
+    assert torch.allclose(plain, fused, atol=1e-4, rtol=1e-4)

@@ -135,7 +135,10 @@ class _Stream:
                     codec.decode(c, out=dst)
                 else:  # [H, n * D] (channels, token-major) or cut by crop
                     H, D = dst.shape[0], dst.shape[-1]
-                    dst.copy_(codec.decode(c).reshape(H, -1, D)[:, :valid])
+                    # decoded into dst's dtype, as an uncut chunk is (not via its own
+                    # storage dtype, which would round a float32 read)
+                    full = codec.decode(c, out=torch.empty(c.shape, dtype=dst.dtype))
+                    dst.copy_(full.reshape(H, -1, D)[:, :valid])
             t += valid
         return t
 
@@ -262,9 +265,10 @@ class EccoLayer(CacheLayerMixin):
     def __init__(self, spec: LayerSpec | None = None, residual_length: int = DEFAULT_RESIDUAL,
                  sink_tokens: int = DEFAULT_SINK, attn_config: Any = None,
                  exact_dtype: torch.dtype | None = None, layer_idx: int | None = None,
-                 **kwargs: Any) -> None:
+                 fused: bool = True, **kwargs: Any) -> None:
         super().__init__()
         self.attn_config = attn_config  # fused attention when it selects "eccokv"
+        self.fused = bool(fused)  # False: never issue fused steps, whatever the config says
         self.layer_idx = layer_idx
         if spec is None:
             from eccokv.hf.spec import layer_spec
@@ -376,7 +380,8 @@ class EccoLayer(CacheLayerMixin):
     # -- fused attention ---------------------------------------------------------------
     def _fused_on(self) -> bool:
         cfg = self.attn_config
-        return cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTN_NAME
+        return (self.fused and cfg is not None
+                and getattr(cfg, "_attn_implementation", None) == ATTN_NAME)
 
     def _fused_reason(self) -> str | None:
         """Why the kernels do not cover this layer's chunks (warned once), or None."""
@@ -543,7 +548,7 @@ class EccoCache(Cache):
                                                   strict=True)):
             if ltype in ours:
                 built.append(EccoLayer(spec, residual, sink, attn_config=text,
-                                       exact_dtype=exact_dtype, layer_idx=i))
+                                       exact_dtype=exact_dtype, layer_idx=i, fused=fused))
             elif ltype in DYNAMIC_LAYER_TYPE_MAPPING:
                 built.append(DYNAMIC_LAYER_TYPE_MAPPING[ltype](**kw))
             else:

@@ -189,6 +189,9 @@ def check_chunk(c: Compressed, codec: Any, kv: int, hd: int, what: str) -> int:
     try:
         codec.check_compatible(c)
         codec.validate(c)
+        # decoded once here, so a chunk that cannot be decoded (valid checksums over corrupt
+        # Ecco blocks) fails the load, not a later generate()
+        codec.decode(c, out=torch.empty(c.shape, dtype=torch.float32))
     except CodecError as e:
         raise CacheFileError(f"{what}: {e}") from None
     if len(c.shape) == 3 and c.shape[0] == kv and c.shape[2] == hd:
