@@ -210,3 +210,17 @@ def test_fused_false_holds_after_a_fused_cache_switched_the_config(monkeypatch):
     fused = _steps(model, EccoCache(cfg, "ecco4", residual_length=8), ids, 140)
     assert calls  # the same model still runs fused for a fused cache
     assert torch.allclose(plain, fused, atol=1e-4, rtol=1e-4)
+
+
+def test_deepcopy_of_a_prompt_cache_continues_like_the_original():
+    """copy.deepcopy(cache), transformers' idiom for reusing a prompt cache, works and the
+    copy continues exactly like the original (codecs are shared, chunks copied)."""
+    model, cfg = tiny("llama", head_dim=32)
+    ids = _ids(1, 150, seed=6)
+    cache = EccoCache(cfg, "ecco4", residual_length=8)
+    with torch.no_grad():
+        model(ids[:, :140], past_key_values=cache)
+        twin = copy.deepcopy(cache)
+        a = model(ids[:, 140:145], past_key_values=cache).logits
+        b = model(ids[:, 140:145], past_key_values=twin).logits
+    assert torch.equal(a, b) and twin.get_seq_length() == cache.get_seq_length() == 145

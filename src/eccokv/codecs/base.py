@@ -183,7 +183,13 @@ class Codec(ABC):
 
     `encode` validates the input and normalises the axis; `decode` validates the
     compressed object (structure and sizes, before any kernel runs) and the `out` buffer.
+    A codec is immutable once built (its config and tables never change), so deep copies
+    of what holds it (e.g. `copy.deepcopy(cache)`, the usual way to reuse a prompt cache)
+    share it.
     """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Codec:
+        return self
 
     codec_id: ClassVar[str]
     # values per group along the encode axis (1: no grouping, e.g. per-tensor fp8). A cache

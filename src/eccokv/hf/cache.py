@@ -36,6 +36,7 @@ streams [B, Hkv, T, D]: compressed chunks followed by an exact window of recent 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -252,7 +253,17 @@ def _tokens(c: Compressed, head_dim: int) -> int:
 # (chosen by measurement, docs/cache.md); float16/bfloat16 models keep their own dtype.
 DEFAULT_EXACT_DTYPE = torch.bfloat16
 EXACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_UNSET = object()
+class _Unset:
+    """Sentinel: not computed yet (one object, also across copies of a cache)."""
+
+    def __copy__(self) -> _Unset:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Unset:
+        return self
+
+
+_UNSET = _Unset()
 
 
 class EccoLayer(CacheLayerMixin):
@@ -291,6 +302,17 @@ class EccoLayer(CacheLayerMixin):
         self.seq = 0
         self.g = 0  # tokens per compression step (set at the first update)
         self._why: Any = _UNSET  # why the kernels do not cover this layer (None: they do)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EccoLayer:
+        """A copy of the cached data; the model's config (attn_config) stays shared, since
+        it is the model's, not the cache's (`copy.deepcopy(cache)` to reuse a prompt)."""
+        if self.attn_config is not None:
+            memo[id(self.attn_config)] = self.attn_config
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     def __repr__(self) -> str:
         return (f"EccoLayer(key={self.spec.key.codec.get_config()['id']}/{self.spec.key.axis}, "
