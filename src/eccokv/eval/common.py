@@ -12,7 +12,12 @@ Cache names (`make_cache`):
 - "hf-quanto-int4", "hf-quanto-int2": transformers' built-in `QuantizedCache` with the
   quanto backend and its documented defaults (q_group_size 64, axis_key 0, axis_value 0,
   residual_length 128); a "-kivi" suffix quantises keys along axis -1 instead (groups of
-  64 consecutive tokens per channel, KIVI's key layout), values stay on axis 0.
+  64 consecutive tokens per channel, KIVI's key layout), values stay on axis 0;
+- "eb<x>" (eb2, eb2.5, ...): the variable-rate, error-bounded Ecco codec at a target rate,
+  `EccoCache(config, target_bits=x, residual_length=r)`; "eb@<arg>=<x>" (eb@bound=0.05)
+  passes `<arg>=x` instead. Until EccoCache takes those arguments, making such a cache
+  raises the TypeError EccoCache raises (evaluations record it as the row's error). The
+  "@fp32"/"+decode" suffixes apply to them too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from eccokv.provenance import environment, package_versions, source_digests  # n
 
 HF_QUANTO = re.compile(r"^hf-quanto-int(?P<bits>[24])(?P<kivi>-kivi)?$")
 HF_DEFAULTS = {"q_group_size": 64, "axis_key": 0, "axis_value": 0, "residual_length": 128}
+EB = re.compile(r"^eb(?P<bits>\d+(?:\.\d+)?)?$")  # the variable-rate codec's names
 
 
 # ------------------------------------------------------------------ provenance
@@ -91,9 +97,15 @@ EXACT_SUFFIXES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 PATH_SUFFIXES = {"fused": True, "decode": False}
 
 
+def is_eb(name: str) -> bool:
+    """True for the variable-rate codec's names ("eb3", "eb2.5@fp32", "eb@bound=0.05")."""
+    return EB.match(name.split("+")[0].split("@")[0]) is not None
+
+
 def parse_name(name: str) -> tuple[str, dict[str, Any]]:
     """"ecco4@fp32+decode" -> ("ecco4", {"exact_dtype": torch.float32, "fused": False}):
-    an EccoCache name's codec and the options its suffixes set (module docstring)."""
+    an EccoCache name's codec and the options its suffixes set (module docstring).
+    "eb2.5" -> ("eb2.5", {"target_bits": 2.5}); "eb@bound=0.05" -> ("eb", {"bound": 0.05})."""
     opts: dict[str, Any] = {}
     base, *paths = name.split("+")
     for p in paths:
@@ -101,14 +113,32 @@ def parse_name(name: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"unknown suffix +{p} in cache name {name!r}: expected "
                              + " or ".join(f"+{k}" for k in PATH_SUFFIXES))
         opts["fused"] = PATH_SUFFIXES[p]
-    if "@" in base:
-        base, dt = base.split("@", 1)
-        if dt not in EXACT_SUFFIXES:
-            raise ValueError(f"unknown exact dtype @{dt} in cache name {name!r}: expected "
-                             + ", ".join(f"@{k}" for k in EXACT_SUFFIXES))
-        opts["exact_dtype"] = EXACT_SUFFIXES[dt]
-    elif base == "none":
+    base, *ats = base.split("@")
+    eb = EB.match(base)
+    if eb is not None and eb["bits"] is not None:
+        opts["target_bits"] = float(eb["bits"])
+    for a in ats:
+        if eb is not None and "=" in a:
+            k, v = a.split("=", 1)
+            try:
+                x = float(v)
+            except ValueError:
+                x = None
+            if not k.isidentifier() or k in opts or k in ("residual_length", "exact_dtype",
+                                                         "fused") or x is None:
+                raise ValueError(f"bad argument @{a} in cache name {name!r}: expected "
+                                 "@<argument>=<number>, each argument once")
+            opts[k] = x
+            continue
+        if a not in EXACT_SUFFIXES or "exact_dtype" in opts:
+            raise ValueError(f"unknown exact dtype @{a} in cache name {name!r}: expected "
+                             "one of " + ", ".join(f"@{k}" for k in EXACT_SUFFIXES))
+        opts["exact_dtype"] = EXACT_SUFFIXES[a]
+    if base == "none" and "exact_dtype" not in opts:
         opts["exact_dtype"] = torch.float32  # the lossless reference
+    if eb is not None and not set(opts) - {"exact_dtype", "fused"}:
+        raise ValueError(f"cache name {name!r} names no rate: expected eb<bits> (eb3, eb2.5) "
+                         "or eb@<argument>=<number> (eb@bound=0.05)")
     return base, opts
 
 
@@ -135,6 +165,8 @@ def make_cache(name: str, config: Any, residual: int, fused: bool | None = None)
     codec, opts = parse_name(name)
     if fused is not None:
         opts["fused"] = fused
+    if is_eb(codec):  # the variable-rate codec: its arguments (target_bits, ...) are in opts
+        return EccoCache(config, residual_length=residual, **opts)
     return EccoCache(config, codec, residual_length=residual, **opts)
 
 
@@ -148,20 +180,25 @@ def describe_cache(name: str, residual: int) -> dict[str, Any]:
     from eccokv.hf.cache import DEFAULT_EXACT_DTYPE
 
     codec, opts = parse_name(name)
-    spec = S.layer_spec(codec)
     exact = opts.get("exact_dtype")
-    return {"cache": "eccokv.EccoCache", "codec": codec, "residual_length": residual,
-            "sink_tokens": getattr(S, "DEFAULT_SINK", 0),
-            "attention": "fused" if opts.get("fused", True) else "decode",
-            "exact_dtype": str(exact or DEFAULT_EXACT_DTYPE).replace("torch.", "")
-            + ("" if exact else " (float32 models; 16-bit models keep theirs)"),
-            "key": spec.key.describe(), "value": spec.value.describe()}
+    out = {"cache": "eccokv.EccoCache", "codec": codec, "residual_length": residual,
+           "sink_tokens": getattr(S, "DEFAULT_SINK", 0),
+           "attention": "fused" if opts.get("fused", True) else "decode",
+           "exact_dtype": str(exact or DEFAULT_EXACT_DTYPE).replace("torch.", "")
+           + ("" if exact else " (float32 models; 16-bit models keep theirs)")}
+    if is_eb(codec):  # the variable-rate codec: the arguments its name passes to EccoCache
+        return {**out, "arguments": {k: v for k, v in opts.items()
+                                     if k not in ("exact_dtype", "fused")}}
+    spec = S.layer_spec(codec)
+    return {**out, "key": spec.key.describe(), "value": spec.value.describe()}
 
 
 def family(name: str) -> str:
     """Method family for tables and plots."""
     if is_hf(name):
         return "hf QuantizedCache (quanto)"
+    if is_eb(name):
+        return "ecco-eb"
     name = parse_name(name)[0] if name != "dynamic" else name
     for prefix, fam in (("ecco", "ecco"), ("kivi", "kivi"), ("int", "int g128"),
                         ("fp8", "fp8")):
