@@ -35,6 +35,9 @@ CODECS = [
     ("kivi4", 1, 2),
     ("int3", 2, 1),  # the other axis on each side
     ("int8", 1, 1),
+    ("eb3", 1, 1),  # error-bounded, variable rate (ecco-eb)
+    ("eb2", 1, 1),
+    ("eb-rel0.05", 1, 1),
 ]
 # (Hkv, n_rep, head_dim)
 SHAPES = [(2, 1, 64), (2, 3, 80), (1, 4, 128), (2, 8, 256)]
@@ -426,6 +429,8 @@ BLOCK_CASES = [  # (K codec, K axis, K lengths, V codec, V axis, V lengths, K ta
     ("kivi2", 1, [640], "kivi2", 2, [300, 340], 45, 45),
     ("int3", 2, [128, 333], "int4", 1, [461], 130, 130),
     ("ecco4", 1, [256, 512], "kivi4", 2, [700], 10, 78),  # tails of different lengths
+    ("eb3", 1, [200, 77, 384], "eb4", 1, [256, 405], 61, 61),
+    ("ecco4", 1, [128, 256], "eb2.5", 1, [384], 40, 40),
 ]
 
 

@@ -154,6 +154,11 @@ def _eval_done(res: dict, stem: str, out_dir: str | None, json_out: bool, md: An
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from eccokv.eval import ppl
 
+    if args.sweep or args.families is not None:
+        from eccokv.eval import rd
+
+        return rd.run_cli(args)
+
     res = ppl.run(model_name=args.model, corpus=args.corpus, codecs=_csv(args.codecs),
                   context=args.context, score=args.score, windows=args.windows,
                   residuals=[int(r) for r in _csv(args.residual)], seed=args.seed,
@@ -196,7 +201,7 @@ def cmd_eval_memory(args: argparse.Namespace) -> int:
 
 def _add_eval_parsers(sub: Any) -> None:
     """`eccokv eval {ppl,needle,agree,memory}` (see eccokv.eval)."""
-    from eccokv.eval import agree, memory, needle, ppl
+    from eccokv.eval import agree, memory, needle, ppl, rd
 
     e = sub.add_parser("eval", help="quality of KV-cache codecs on a real model").add_subparsers(
         dest="eval", required=True)
@@ -222,6 +227,7 @@ def _add_eval_parsers(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--prefill", default="shared", choices=("shared", "forward"),
                    help="shared: one exact prefill per window replayed into each cache")
+    rd.add_cli(s)
     s.set_defaults(fn=cmd_eval_ppl)
 
     s = e.add_parser("needle", help="needle-in-a-haystack retrieval (-> needle.{json,md})")

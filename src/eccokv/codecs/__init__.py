@@ -20,6 +20,7 @@ _MODULES = (
     "eccokv.codecs.fp8",
     "eccokv.codecs.intq",
     "eccokv.codecs.ecco",
+    "eccokv.codecs.ecco_eb",
 )
 
 # Named presets: name -> config. `get(name)` builds the codec from this config.
@@ -36,6 +37,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ecco2": {"id": "ecco", "variant": "ecco2"},
     "ecco3": {"id": "ecco", "variant": "ecco3"},
     "ecco4": {"id": "ecco", "variant": "ecco4"},
+    # error-bounded, variable rate: a bits/value target, or a bound (relative to the range)
+    "eb2": {"id": "ecco-eb", "target_bits": 2.0},
+    "eb2.5": {"id": "ecco-eb", "target_bits": 2.5},
+    "eb3": {"id": "ecco-eb", "target_bits": 3.0},
+    "eb4": {"id": "ecco-eb", "target_bits": 4.0},
+    "eb-rel0.05": {"id": "ecco-eb", "bound": 0.05, "bound_mode": "relative"},
 }
 
 _loaded = False

@@ -1,8 +1,9 @@
-"""Length-limited canonical Huffman codes over a small alphabet (<= 16 symbols).
+"""Length-limited canonical Huffman codes over a small alphabet (<= 256 symbols).
 
 Bit order is LSB-first: a code is written starting at the lowest free bit of the stream,
 its first (most significant canonical) bit first. Decoding peeks `max_len` bits and looks
-them up in a table of 2**max_len entries, each holding (symbol | length << 4).
+them up in a table of 2**max_len entries, each holding (symbol | length << shift), shift 4
+for alphabets of <= 16 symbols (Ecco's levels) and 8 for larger ones (ecco-eb's codes).
 
 Every symbol always gets a code (counts are floored at 1), so any symbol an encoder
 produces can be coded, and a complete code means every table entry is a valid symbol:
@@ -79,16 +80,24 @@ def encode_table(lengths: np.ndarray) -> np.ndarray:
                     dtype=np.uint32)
 
 
+def _shift(n: int) -> int:
+    if n > 256:
+        raise ValueError(f"at most 256 symbols, got {n}")
+    return 4 if n <= 16 else 8
+
+
 def decode_table(lengths: np.ndarray, max_len: int) -> np.ndarray:
-    """uint16 table (2**max_len,): entry = symbol | (length << 4) for LSB-first peeks."""
+    """uint16 table (2**max_len,): entry = symbol | (length << shift) for LSB-first peeks
+    (shift 4 for <= 16 symbols, else 8)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if kraft_sum(lengths) != 1.0:
         raise ValueError("code lengths must form a complete prefix code")
+    sh = _shift(lengths.size)
     rev = encode_table(lengths)
     table = np.zeros(1 << max_len, dtype=np.uint16)
     for s, (r, ln) in enumerate(zip(rev, lengths, strict=True)):
         step = 1 << int(ln)
-        table[int(r) :: step] = s | (int(ln) << 4)
+        table[int(r) :: step] = s | (int(ln) << sh)
     return table
 
 
@@ -110,7 +119,8 @@ def multi_decode_table(lengths: np.ndarray, window: int) -> np.ndarray:
     lengths = np.asarray(lengths, dtype=np.int64)
     if not int(lengths.max()) <= window <= 15:
         raise ValueError(f"window {window} must be in [longest code {int(lengths.max())}, 15]")
-    single = decode_table(lengths, window).astype(np.int64)  # symbol | length << 4
+    single = decode_table(lengths, window).astype(np.int64)  # symbol | length << sh
+    sh = _shift(lengths.size)
     idx = np.arange(1 << window, dtype=np.int64)
     sym = np.zeros((MULTI_SYMS, idx.size), np.int64)
     n = np.zeros(idx.size, np.int64)
@@ -119,9 +129,9 @@ def multi_decode_table(lengths: np.ndarray, window: int) -> np.ndarray:
     mask = (1 << window) - 1
     for k in range(MULTI_SYMS):
         e = single[(idx >> used) & mask]
-        ln = e >> 4
+        ln = e >> sh
         ok = active & (used + ln <= window)
-        sym[k] = np.where(ok, e & 15, 0)
+        sym[k] = np.where(ok, e & ((1 << sh) - 1), 0)
         n += ok
         used += np.where(ok, ln, 0)
         active = ok

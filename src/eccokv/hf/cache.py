@@ -518,6 +518,23 @@ class EccoLayer(CacheLayerMixin):
         return rep
 
 
+def _variable_rate(codec: Any, target_bits: float | None, bound: float | None,
+                   bound_mode: str) -> Any:
+    """The codec EccoCache's target_bits= / bound= stand for (or `codec` unchanged)."""
+    if target_bits is None and bound is None:
+        if bound_mode != "relative":
+            raise ValueError("bound_mode needs bound=")
+        return codec
+    if target_bits is not None and bound is not None:
+        raise ValueError("give target_bits= (a size) or bound= (an error), not both")
+    if not (isinstance(codec, str) and codec == "ecco4"):
+        raise ValueError(f"target_bits= / bound= choose the ecco-eb codec; do not also give "
+                         f"codec={codec!r}")
+    if target_bits is not None:
+        return {"id": "ecco-eb", "target_bits": target_bits}
+    return {"id": "ecco-eb", "bound": bound, "bound_mode": bound_mode}
+
+
 class EccoCache(Cache):
     """Compressed KV cache: `model.generate(..., past_key_values=EccoCache(model.config))`.
 
@@ -536,6 +553,10 @@ class EccoCache(Cache):
     exact_dtype: storage dtype of the exact sink and window. Default: 16 bits (the model's
     dtype if float16/bfloat16, else bfloat16: half the bytes of float32, values rounded
     once, see docs/cache.md); torch.float32 keeps a float32 model's values unrounded.
+    target_bits: the error-bounded variable-rate codec ("ecco-eb") for K and V, each chunk
+    at this bits/value (every byte counted); bound: the same codec with a stated error
+    instead, |x - x_hat| <= bound * (range of the value's group of 128) (bound_mode
+    "relative", the default) or <= bound ("absolute"). Either replaces `codec`.
     """
 
     def __init__(self, config: Any, codec: Any = "ecco4", *, key_codec: Any = None,
@@ -543,9 +564,11 @@ class EccoCache(Cache):
                  sink_tokens: int | None = None,
                  layers: Mapping[int, Any] | Callable[[int], Any] | None = None,
                  sliding: str = "native", fused: bool = True,
-                 exact_dtype: torch.dtype | None = None) -> None:
+                 exact_dtype: torch.dtype | None = None, target_bits: float | None = None,
+                 bound: float | None = None, bound_mode: str = "relative") -> None:
         if config is None:
             raise ValueError("EccoCache needs the model config (model.config)")
+        codec = _variable_rate(codec, target_bits, bound, bound_mode)
         residual = DEFAULT_RESIDUAL if residual_length is None else residual_length
         sink = DEFAULT_SINK if sink_tokens is None else sink_tokens
         if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:

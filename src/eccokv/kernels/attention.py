@@ -48,7 +48,9 @@ __all__ = [
     "unsupported_reason",
 ]
 
-KIND_ECCO, KIND_INT_TOKENS, KIND_INT_CHANNELS = 0, 1, 2  # kernel stream kinds
+KIND_ECCO, KIND_INT_TOKENS, KIND_INT_CHANNELS, KIND_EB = 0, 1, 2, 3  # kernel stream kinds
+_BLOCK_KINDS = (KIND_ECCO, KIND_EB)  # 128-token blocks through a decode core
+_NCOLS = 12  # columns of a chunk row (attention_numba's module docstring)
 _EXACT_SPAN = 64  # tokens per work item of the exact tail
 _INT_CH_SPAN = 64  # tokens per work item of an int chunk grouped over channels
 _V_SPAN = 256  # tokens per V work item of an int chunk grouped over channels
@@ -88,21 +90,21 @@ def unsupported_reason(codec: str | dict[str, Any] | Codec, axis: int) -> str | 
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -3 <= axis < 3:
         return f"axis {axis!r} is not an axis of a [Hkv, T, D] chunk"
     ax = int(axis) % 3
-    if cid == "ecco":
+    if cid in ("ecco", "ecco-eb"):
         if ax != 1:
-            return (f"Ecco chunks must be grouped over tokens (axis 1 of [Hkv, T, D]), "
+            return (f"{cid} chunks must be grouped over tokens (axis 1 of [Hkv, T, D]), "
                     f"got axis {ax}")
         return None
     if cid == "int":
         if ax not in (1, 2):
             return f"int chunks must be grouped along axis 1 (tokens) or 2 (channels), got {ax}"
         return None
-    return f"codec {cid!r} has no fused attention kernel (supported: ecco, int)"
+    return f"codec {cid!r} has no fused attention kernel (supported: ecco, ecco-eb, int)"
 
 
 def fused_supported(codec: str | dict[str, Any] | Codec, axis: int) -> bool:
     """True if chunks [Hkv, T, D] made by `codec` grouped along `axis` can be attended to by
-    `fused_attention` (Ecco on axis 1; int/KIVI on axis 1 or 2)."""
+    `fused_attention` (Ecco and ecco-eb on axis 1; int/KIVI on axis 1 or 2)."""
     return unsupported_reason(codec, axis) is None
 
 
@@ -115,7 +117,7 @@ _LOCK = threading.Lock()
 _F32 = np.zeros(1, np.float32)
 _U8 = np.zeros(1, np.uint8)
 _NO_ITEMS = tuple(np.zeros(0, np.int64) for _ in range(4))
-_NO_CHUNKS = np.zeros((0, 8), np.int64)
+_NO_CHUNKS = np.zeros((0, _NCOLS), np.int64)
 _NO_TSC = np.zeros(0, np.float64)
 
 
@@ -203,8 +205,21 @@ def _memo(c: Compressed, codec: Codec) -> tuple[list[int], float, list[np.ndarra
     return m[3]
 
 
-def _remember(c: Compressed, codec: Codec, ecco: bool) -> tuple[list[int], float,
-                                                                list[np.ndarray]]:
+def _eb_tables() -> tuple[np.ndarray, ...]:
+    """The ecco-eb decode tables (read-only, alive for the process) at the sizes the
+    kernels assume."""
+    from eccokv.codecs.ecco_eb import _kernel_tables
+    from eccokv.kernels import attention_numba as kn
+
+    sbase, lens, mtab = _kernel_tables()
+    if (sbase.size != kn.EB_STEPS or mtab.size != kn.EB_MTAB or lens.size != kn.EB_LENS
+            or sbase.dtype != np.float64 or mtab.dtype != np.uint32 or lens.dtype != np.uint8):
+        raise CodecError("ecco-eb tables do not fit the fused kernels")
+    return sbase, mtab, lens
+
+
+def _remember(c: Compressed, codec: Codec, cid: str) -> tuple[list[int], float,
+                                                              list[np.ndarray]]:
     """Validated once: make the chunk's arrays read-only (so they cannot change under the
     memo) and keep its kernel row on the chunk, so later steps skip validation (a 4K-token
     cache has ~32 chunks per stream and layer: re-validating them took ~28% of a fused
@@ -212,13 +227,20 @@ def _remember(c: Compressed, codec: Codec, ecco: bool) -> tuple[list[int], float
     a = c.arrays
     for x in a.values():
         x.setflags(write=False)
-    if ecco:
-        memo = ([_addr(a["blocks"]), 0, 0, 0, 0, 0, a["blocks"].size, 0],
+    if cid == "ecco":
+        memo = ([_addr(a["blocks"]), 0, 0, 0, 0, 0, a["blocks"].size, 0, 0, 0, 0, 0],
                 float(a["tscale"][0]), [a["blocks"]])
+    elif cid == "ecco-eb":
+        sb, mt, ln = _eb_tables()
+        kb, zb = (int(v) for v in a["fields"])
+        memo = ([_addr(a["data"]), _addr(a["index"]), 0, 0, 0, 0, a["data"].size,
+                 a["index"].size, _addr(sb), _addr(mt), _addr(ln), kb | zb << 8],
+                float(a["params"][0]), [a["data"], a["index"], sb, mt, ln])
     else:
         is32 = int(a["scale"].dtype == np.float32)
         memo = ([_addr(a["codes"]), _addr(a["scale"]), _addr(a["zero"]), 0, 0, is32,
-                 a["codes"].size, a["scale"].size], 0.0, [a["codes"], a["scale"], a["zero"]])
+                 a["codes"].size, a["scale"].size, 0, 0, 0, 0], 0.0,
+                [a["codes"], a["scale"], a["zero"]])
     c.__dict__[_MEMO] = (codec, a, tuple(a.values()), memo)
     return memo
 
@@ -320,7 +342,7 @@ def _prepare_chunks(chunks: Sequence[Compressed], name: str) -> _Stream:
         if memo is None:
             codec.check_compatible(c)
             codec.validate(c)
-            memo = _remember(c, codec, cfg["id"] == "ecco")
+            memo = _remember(c, codec, cfg["id"])
         h, tc, d = c.shape
         if (h, d) != (Hkv, D):
             raise ValueError(f"{name} chunk {i} has shape {c.shape}, but chunk 0 has "
@@ -344,6 +366,8 @@ def _prepare_chunks(chunks: Sequence[Compressed], name: str) -> _Stream:
         if cfg["id"] == "ecco":
             st.kind = KIND_ECCO
             st.consts = _ecco_consts(codec)
+        elif cfg["id"] == "ecco-eb":
+            st.kind = KIND_EB
         else:
             st.kind = KIND_INT_TOKENS if axis == 1 else KIND_INT_CHANNELS
             st.G = int(codec.group_size)  # type: ignore[attr-defined]
@@ -417,7 +441,7 @@ def _chunk_items(lengths: tuple[int, ...], span: int, Hkv: int, a: int = 0,
 
 def _k_span(st: _Stream, nthreads: int, ntok: int) -> int:
     """Tokens per K work item for a block of ntok compressed tokens."""
-    if st.kind == KIND_ECCO:
+    if st.kind in _BLOCK_KINDS:
         # up to 8 token groups per item (each channel's blocks are then read in order),
         # while leaving >= 4 items per thread
         groups = -(-ntok // 128) * st.Hkv
@@ -433,7 +457,7 @@ def _lengths(st: _Stream) -> tuple[int, ...]:
 
 def _gran(st: _Stream) -> int:
     """Token granularity of a stream's groups: context blocks are cut only there."""
-    return 128 if st.kind == KIND_ECCO else st.G if st.kind == KIND_INT_TOKENS else 1
+    return 128 if st.kind in _BLOCK_KINDS else st.G if st.kind == KIND_INT_TOKENS else 1
 
 
 @lru_cache(maxsize=256)

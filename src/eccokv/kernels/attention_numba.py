@@ -14,10 +14,17 @@ Conventions (all arrays flat; float32 unless stated):
 
 A stream (K or V) is ``nch`` compressed chunks (all of one kind) followed by an exact
 float32 tail ``[Hkv, Te, D]``. Chunk c is row c of the int64 table ``ch``:
-``[addr0, addr1, addr2, Tc, t0, flag, n0, n1]`` (t0: first token of the chunk):
+``[addr0, addr1, addr2, Tc, t0, flag, n0, n1, addr8, addr9, addr10, fields]`` (t0: first
+token of the chunk):
 
 * Ecco (kind 0, groups of 128 tokens of one channel): addr0 = blocks (uint64, n0 words),
   ``tsc[c]`` = the chunk's per-tensor scale.
+* ecco-eb (kind 3, the same grouping, variable-size blocks): addr0 = data (uint64, n0
+  words), addr1 = offset index (uint32, n1 entries), addr8 / addr9 / addr10 = the
+  format's step table (float64, EB_STEPS), multi-symbol tables (uint32, EB_MTAB) and
+  code lengths (uint8, EB_LENS); fields = KB | ZB << 8; ``tsc[c]`` = the step d0. Ecco
+  and ecco-eb blocks go through the same item loops, each format's blocks through its
+  own decode core (`ecco_core`, `eb_core`).
 * int (kind 1: groups of G tokens of one channel; kind 2: groups of G channels of one
   token): addr0 = packed codes (uint8, n0 bytes), addr1 / addr2 = scale / zero
   (n1 entries, float32 if flag == 1 else float16 bits).
@@ -45,6 +52,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from eccokv.kernels import eb_core
 from eccokv.kernels import signatures as sig
 from eccokv.kernels.ecco_core import SYM_STRIDE, decode1, decode4, decode4_slow
 
@@ -76,6 +84,13 @@ _ptr_u64 = _ptr_intrinsic(types.uint64)
 _ptr_u8 = _ptr_intrinsic(types.uint8)
 _ptr_u16 = _ptr_intrinsic(types.uint16)
 _ptr_f32 = _ptr_intrinsic(types.float32)
+_ptr_u32 = _ptr_intrinsic(types.uint32)
+_ptr_f64 = _ptr_intrinsic(types.float64)
+
+# sizes of the ecco-eb tables a kind-3 chunk row points to (checked by the caller)
+EB_STEPS = 256
+EB_MTAB = eb_core.NCODEBOOKS << 11
+EB_LENS = eb_core.NCODEBOOKS * eb_core.NSYM
 
 
 @intrinsic
@@ -202,10 +217,15 @@ def _unpack(codes, i0, n, bits, out):
 
 
 @njit(inline="always", cache=True)
-def _quad(words, b, stride, t, tsc, sy, lv, lo, AB, i0):
-    """Blocks b, b + stride, b + 2 stride, b + 3 stride through the shared decode core
-    (code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]); returns the
-    corrupt-block count."""
+def _quad(fmt, ix, kb, zb, sb, mt, ln, words, b, stride, nv, t, tsc, sy, lv, lo, AB, i0):
+    """Blocks b, b + stride, b + 2 stride, b + 3 stride through their format's decode
+    core (fmt 0: Ecco with tables t; 1: ecco-eb with index ix, field widths kb/zb and
+    tables sb/mt/ln; tsc: Ecco's tensor scale or ecco-eb's step; nv: the blocks' valid
+    values): code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]; returns
+    the corrupt-block count."""
+    if fmt == 1:
+        return eb_core.decode4(words, ix, b, b + stride, b + 2 * stride, b + 3 * stride, nv,
+                               kb, zb, tsc, sb, mt, ln, sy, lv, lo, AB, i0)
     n = decode4(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv, lo, AB,
                 i0)
     if n < 0:
@@ -214,11 +234,30 @@ def _quad(words, b, stride, t, tsc, sy, lv, lo, AB, i0):
     return n
 
 
+@njit(inline="always", cache=True)
+def _one(fmt, ix, kb, zb, sb, mt, ln, words, b, nv, t, tsc, sy, lv, lo, AB, i):
+    """One block through its format's decode core (see `_quad`)."""
+    if fmt == 1:
+        return eb_core.decode1(words, ix, b, nv, kb, zb, tsc, sb, mt, ln, sy, lv, lo, AB, i)
+    return decode1(words, b, t, tsc, sy, lv, lo, AB, i)
+
+
+@njit(inline="always", cache=True)
+def _eb_views(ch, c, fmt):
+    """ecco-eb chunk c's index and tables (empty views for an Ecco chunk)."""
+    ix = carray(_ptr_u32(ch[c, 1]), ch[c, 7] if fmt == 1 else 0)
+    sb = carray(_ptr_f64(ch[c, 8]), EB_STEPS if fmt == 1 else 0)
+    mt = carray(_ptr_u32(ch[c, 9]), EB_MTAB if fmt == 1 else 0)
+    ln = carray(_ptr_u8(ch[c, 10]), EB_LENS if fmt == 1 else 0)
+    return ix, np.int64(ch[c, 11] & 255), np.int64(ch[c, 11] >> 8), sb, mt, ln
+
+
 # ----------------------------------------------------------------------------- K side items
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc):
+def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc, fmt, ix,
+                 kb, zb, sb, mt, ln):
     """Scores of token groups g0 .. g0+ng-1 of one Ecco chunk (Tc tokens, ngroups groups)
     for KV head h: S[soff + r*T + t] (t from the first token of group g0) =
     sum_d qf[r, d] * K[t, d], computed as (q*A) * level + (sum_d q*B), the latter once
@@ -237,8 +276,9 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     d = 0
     while d + 4 <= D:
         for gi in range(ng):
-            nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv,
-                          gi * 4 * _G, AB, gi * 4)
+            nbad += _quad(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g0 + gi,
+                          ngroups, min(_G, Tc - (g0 + gi) * _G), t, tsc, sy, lv, gi * 4 * _G,
+                          AB, gi * 4)
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
             q0 = np.uint64(gi * 4 * _G)
@@ -270,7 +310,8 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     while d < D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
-            nbad += decode1(words, (h * D + d) * ngroups + g0 + gi, t, tsc, sy, lv, 0, AB, 0)
+            nbad += _one(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g0 + gi, n,
+                         t, tsc, sy, lv, 0, AB, 0)
             lv0 = lv[0:n]
             for r in range(R):
                 qd = qf[qoff + r * D + d]
@@ -454,10 +495,12 @@ def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
     qoff = h * R * D
     Tc = ch[c, 3]
     soff = h * R * T + ch[c, 4] + s - a
-    if kind == 0:
+    if kind == 0 or kind == 3:
+        fmt = 1 if kind == 3 else 0
         words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
+        ix, kb, zb, sb, mt, ln = _eb_views(ch, c, fmt)
         nb = _k_ecco_item(words, h, s // _G, (n + _G - 1) // _G, (Tc + _G - 1) // _G, Tc, D, qf,
-                          qoff, R, S, soff, T, t, tsc[c])
+                          qoff, R, S, soff, T, t, tsc[c], fmt, ix, kb, zb, sb, mt, ln)
         if nb:
             bad[c] = 1
         return
@@ -503,7 +546,8 @@ def k_phase(kind, t, G, bits, ch, tsc, it_c, it_h,
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
+def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc, fmt,
+                  ix, kb, zb, sb, mt, ln):
     """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over token groups g0 .. g1-1 of one Ecco
     chunk (its token 0 at column t0c of P), channels d0 .. d1-1: per block
     A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
@@ -525,7 +569,8 @@ def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum
             psum[r] = x
         d = d0
         while d + 4 <= d1:
-            nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, 0, AB, 0)
+            nbad += _quad(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g,
+                          ngroups, n, t, tsc, sy, lv, 0, AB, 0)
             for r in range(R):
                 pb = np.uint64(tb + r * T)
                 x0 = _F0
@@ -547,7 +592,8 @@ def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum
                 acc[ao + 3] += AB[6] * x3 + AB[7] * pr
             d += 4
         while d < d1:
-            nbad += decode1(words, (h * D + d) * ngroups + g, t, tsc, sy, lv, 0, AB, 0)
+            nbad += _one(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g, n, t,
+                         tsc, sy, lv, 0, AB, 0)
             for r in range(R):
                 prow = P[tb + r * T:tb + r * T + n]
                 x0 = _F0
@@ -647,10 +693,13 @@ def _v_item(it, kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1,
             continue
         Tc = ch[c, 3]
         t0c = ch[c, 4] - a
-        if kind == 0:
+        if kind == 0 or kind == 3:
+            fmt = 1 if kind == 3 else 0
             words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
+            ix, kb, zb, sb, mt, ln = _eb_views(ch, c, fmt)
             if _v_ecco_chunk(words, Tc, t0c, cl0[c] // _G, (cl1[c] + _G - 1) // _G, h, d0, d1,
-                             D, P, poff, R, T, acc, psum, t, tsc[c]):
+                             D, P, poff, R, T, acc, psum, t, tsc[c], fmt, ix, kb, zb, sb, mt,
+                             ln):
                 bad[c] = 1
         else:
             is32 = ch[c, 5] == 1

@@ -221,20 +221,27 @@ def _look5(m, toff, x, c, j, sy):
 
 
 @njit(inline="always", cache=True)
-def _tail(words, bb, c, j, jend, sy, t, toff, h):
-    """Finish one stream: lookups until symbol jend is reached, then give back the bits
-    of the symbols decoded past it (they were patch bits) using the code lengths.
-    Returns the bit position after the block's last code (> block_bits: corrupt)."""
-    BB = t.block_bits
+def tail_at(words, bb, c, j, jend, sy, BB, mtab, toff, lens, lo, smask):
+    """Finish one stream of a block that starts at byte bb and ends at bit BB (relative to
+    bb): lookups in mtab (from entry toff) until symbol jend is reached, then give back
+    the bits of the symbols decoded past it using the code lengths lens[lo + symbol]
+    (symbols masked by smask). Returns the bit position after the stream's last code
+    (> BB: corrupt). Shared by every block format with Huffman streams."""
     while j < jend:
         if c >= BB:
             return BB + 1
-        c, j = _look5(t.mtab, toff, peek(words, bb, c), c, j, sy)
-    lo = h * 16
+        c, j = _look5(mtab, toff, peek(words, bb, c), c, j, sy)
     while j > jend:
         j -= 1
-        c -= np.int64(t.lens[lo + np.int64(sy[j] & np.uint8(15))])
+        c -= np.int64(lens[lo + np.int64(sy[j] & smask)])
     return c
+
+
+@njit(inline="always", cache=True)
+def _tail(words, bb, c, j, jend, sy, t, toff, h):
+    """`tail_at` for an Ecco block (ends at block_bits, 16 symbols per codebook)."""
+    return tail_at(words, bb, c, j, jend, sy, t.block_bits, t.mtab, toff, t.lens, h * 16,
+                   np.uint8(15))
 
 
 @njit(inline="always", cache=True)
@@ -248,38 +255,26 @@ def symbols1(words, b, h, t, sy, so):
 
 
 @njit(inline="always", cache=True)
-def symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy):
-    """Phase 1 for four mode-0 blocks side by side -> sy[i * SYM_STRIDE ...]. Lookups
-    run on past symbol 128 (at most 14 more, into SYM_STRIDE's slack) and `_tail` gives
-    their bits back. Four streams ran 1.5x faster than two here, despite some register
-    spills. Returns the four end positions (> block_bits: corrupt)."""
-    W = t.block_bits >> 6
-    BB = t.block_bits
-    m = t.mtab
-    bb0 = b0 * W * 8
-    bb1 = b1 * W * 8
-    bb2 = b2 * W * 8
-    bb3 = b3 * W * 8
-    t0 = np.uint64(h0 << MULTI_BITS)
-    t1 = np.uint64(h1 << MULTI_BITS)
-    t2 = np.uint64(h2 << MULTI_BITS)
-    t3 = np.uint64(h3 << MULTI_BITS)
-    hb = header_bits(t)
-    c0 = hb
-    c1 = hb
-    c2 = hb
-    c3 = hb
+def symbols4_at(words, bb0, bb1, bb2, bb3, c0, c1, c2, c3, BB0, BB1, BB2, BB3, t0, t1, t2,
+                t3, lo0, lo1, lo2, lo3, m, lens, smask, n, sy):
+    """Phase 1 for four Huffman streams of n (<= 128) symbols each, side by side ->
+    sy[i * SYM_STRIDE ...]. Stream i starts at bit ci of the block at byte bbi, ends by
+    bit BBi (relative to bbi), and is decoded with the multi-symbol table m from entry ti
+    (code lengths lens[loi + symbol]). Lookups run on past symbol n (at most 14 more,
+    into SYM_STRIDE's slack) and `tail_at` gives their bits back. Four streams ran 1.5x
+    faster than two here, despite some register spills. Returns the four end positions
+    (> BBi: corrupt)."""
     j0 = 0
     j1 = SYM_STRIDE
     j2 = 2 * SYM_STRIDE
     j3 = 3 * SYM_STRIDE
-    E0 = G
-    E1 = SYM_STRIDE + G
-    E2 = 2 * SYM_STRIDE + G
-    E3 = 3 * SYM_STRIDE + G
+    E0 = n
+    E1 = SYM_STRIDE + n
+    E2 = 2 * SYM_STRIDE + n
+    E3 = 3 * SYM_STRIDE + n
     M = np.uint64(2047)
-    while (j0 < E0 and j1 < E1 and j2 < E2 and j3 < E3 and c0 < BB and c1 < BB and c2 < BB
-           and c3 < BB):
+    while (j0 < E0 and j1 < E1 and j2 < E2 and j3 < E3 and c0 < BB0 and c1 < BB1
+           and c2 < BB2 and c3 < BB3):
         x0 = peek(words, bb0, c0)
         x1 = peek(words, bb1, c1)
         x2 = peek(words, bb2, c2)
@@ -309,11 +304,26 @@ def symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy):
             c1 += np.int64(n1)
             c2 += np.int64(n2)
             c3 += np.int64(n3)
-    e0 = _tail(words, bb0, c0, j0, E0, sy, t, t0, h0)
-    e1 = _tail(words, bb1, c1, j1, E1, sy, t, t1, h1)
-    e2 = _tail(words, bb2, c2, j2, E2, sy, t, t2, h2)
-    e3 = _tail(words, bb3, c3, j3, E3, sy, t, t3, h3)
+    e0 = tail_at(words, bb0, c0, j0, E0, sy, BB0, m, t0, lens, lo0, smask)
+    e1 = tail_at(words, bb1, c1, j1, E1, sy, BB1, m, t1, lens, lo1, smask)
+    e2 = tail_at(words, bb2, c2, j2, E2, sy, BB2, m, t2, lens, lo2, smask)
+    e3 = tail_at(words, bb3, c3, j3, E3, sy, BB3, m, t3, lens, lo3, smask)
     return e0, e1, e2, e3
+
+
+@njit(inline="always", cache=True)
+def symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy):
+    """Phase 1 for four mode-0 Ecco blocks side by side -> sy[i * SYM_STRIDE ...]
+    (`symbols4_at` with the fixed block size). Returns the four end positions
+    (> block_bits: corrupt)."""
+    W = t.block_bits >> 6
+    BB = t.block_bits
+    hb = header_bits(t)
+    return symbols4_at(words, b0 * W * 8, b1 * W * 8, b2 * W * 8, b3 * W * 8, hb, hb, hb, hb,
+                       BB, BB, BB, BB, np.uint64(h0 << MULTI_BITS),
+                       np.uint64(h1 << MULTI_BITS), np.uint64(h2 << MULTI_BITS),
+                       np.uint64(h3 << MULTI_BITS), h0 * 16, h1 * 16, h2 * 16, h3 * 16,
+                       t.mtab, t.lens, np.uint8(15), G, sy)
 
 
 # ----------------------------------------------------------------------------- phase 2
