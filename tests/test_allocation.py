@@ -206,6 +206,36 @@ def test_save_load_round_trip(tmp_path):
     assert A.load_allocation(p)["version"] == 1  # without a config: no fingerprint check
 
 
+def test_merge_pools_windows_and_refuses_mismatches(tmp_path):
+    cfg = tiny().config
+    a, b = _doc(cfg), _doc(cfg)
+    a["calibration"] = {"starts": [1, 2], "estimator": "antithetic", "codec": "int3"}
+    b["calibration"] = {"starts": [3, 4], "estimator": "antithetic", "codec": "int3"}
+    b["query_moments"] = np.asarray(b["query_moments"]) * 3
+    for r in b["streams"]:
+        r["window_dnll"] = [x + 1e-3 for x in r["window_dnll"]]
+        r["dnll"] += 1e-3
+        r["estimate"] = 0.5 * (r["dnll"] + r["dnll_mirror"])
+        r["dnll_floored"] = max(r["estimate"], b["floor"])
+        r["c"] = r["dnll_floored"] * 2 ** 6.5
+    m = A.merge_allocations(a, b)
+    assert m["calibration"]["windows"] == 4 and m["calibration"]["starts"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(m["query_moments"], 2 * np.asarray(a["query_moments"]))
+    for ra, rb, rm in zip(a["streams"], b["streams"], m["streams"], strict=True):
+        assert rm["dnll"] == pytest.approx(0.5 * (ra["dnll"] + rb["dnll"]))
+        assert len(rm["window_dnll"]) == len(rm["window_dnll_mirror"]) == 4
+    A.save_allocation(tmp_path / "m.json", m)
+    assert A.load_allocation(tmp_path / "m.json")["calibration"]["windows"] == 4
+    with pytest.raises(ValueError, match="share calibration windows"):
+        A.merge_allocations(a, a)
+    with pytest.raises(ValueError, match="different calibration codec"):
+        A.merge_allocations(a, {**b, "calibration": {**b["calibration"], "codec": "int2"}})
+    with pytest.raises(ValueError, match="different models"):
+        A.merge_allocations(a, _doc(tiny(layers=3).config))
+    with pytest.raises(ValueError, match="two or more"):
+        A.merge_allocations(a)
+
+
 def _mutations(doc: dict) -> list[tuple[str, object, str]]:
     """(description, mutated JSON object, expected message fragment)."""
     j = _as_json(doc)

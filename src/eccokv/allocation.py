@@ -729,6 +729,59 @@ def load_allocation(path: str | Path, config: Any = None) -> dict[str, Any]:
     return loads_allocation(blob, config)
 
 
+_SAME = ("corpus", "context", "score", "codec", "codec_config", "estimator", "sink_tokens",
+         "residual_length", "exact")
+
+
+def merge_allocations(*docs: Mapping[str, Any]) -> dict[str, Any]:
+    """Pool calibration runs of one model on disjoint windows (e.g. seeds 0 and 1) into one
+    allocation: per stream the window lists are joined and dnll, dnll_mirror and the estimate
+    are their means (equal tokens per window), the floor is recomputed from the pooled
+    estimates, the query moments are averaged weighted by windows. Refuses runs of another
+    model, with other settings (`_SAME`) or sharing a window start."""
+    if len(docs) < 2:
+        raise ValueError("merge_allocations needs two or more allocations")
+    ds = [validate_allocation(d) for d in docs]
+    first = ds[0]
+    for d in ds[1:]:
+        if d["model"] != first["model"]:
+            raise ValueError("allocations of different models cannot be merged")
+        for k in _SAME:
+            if d["calibration"].get(k) != first["calibration"].get(k):
+                raise ValueError(f"allocations with different calibration {k} cannot be merged")
+    starts = [s for d in ds for s in d["calibration"].get("starts", [])]
+    if len(starts) != len(set(starts)):
+        raise ValueError("the allocations share calibration windows")
+    n = [len(d["streams"][0]["window_dnll"]) for d in ds]
+    tables = [stream_table(d) for d in ds]
+    anti = first["calibration"].get("estimator") == "antithetic"
+    frac = float(first["calibration"].get("floor_fraction", DEFAULT_FLOOR_FRACTION))
+    rows = []
+    for key in sorted(tables[0]):
+        rs = [t[key] for t in tables]
+        wd = [x for r in rs for x in r["window_dnll"]]
+        wm = [x for r in rs for x in r["window_dnll_mirror"]] if anti else None
+        d = float(np.mean(wd))
+        dm = float(np.mean(wm)) if wm is not None else None
+        bits = float(np.average([r["bits"] for r in rs], weights=n))
+        rows.append({"layer": key[0], "stream": key[1], "dnll": d, "dnll_mirror": dm,
+                     "estimate": d if dm is None else 0.5 * (d + dm), "bits": bits,
+                     "window_dnll": wd, "window_dnll_mirror": wm})
+    floor = max(1e-9, frac * float(np.mean([max(r["estimate"], 0.0) for r in rows])))
+    for r in rows:
+        r["dnll_floored"] = max(r["estimate"], floor)
+        r["c"] = r["dnll_floored"] * 2.0 ** (2 * r["bits"])
+    cal = {k: first["calibration"][k] for k in _SAME if k in first["calibration"]}
+    cal.update(windows=int(sum(n)), floor_fraction=frac, starts=sorted(starts),
+               merged=[dict(d["calibration"]) for d in ds])
+    ref = float(np.average([d["reference_nll"] for d in ds], weights=n))
+    moments = sum(w * d["query_moments"] for w, d in zip(n, ds, strict=True)) / sum(n)
+    doc = {"format": FORMAT, "version": VERSION, "model": dict(first["model"]),
+           "calibration": cal, "reference_nll": ref, "floor": floor,
+           "streams": [{k: r[k] for k in _STREAM} for r in rows], "query_moments": moments}
+    return validate_allocation(doc)
+
+
 def packaged_allocation(name: str = "smollm2", config: Any = None) -> dict[str, Any]:
     """The allocation shipped with eccokv for model `name` (src/eccokv/data/allocation-
     <name>.json), validated like any file (against `config` when given)."""
