@@ -24,7 +24,7 @@ def _run(model, cfg, ids, mask, fused, name, **kw):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("name", ["ecco4", "kivi2", "int4"])
+@pytest.mark.parametrize("name", ["ecco4", "kivi2", "int4", "eb3"])
 def test_fused_equals_decoded_attention(family, name, monkeypatch):
     model, cfg = tiny(family, heads=6, kv_heads=2, head_dim=32)
     ids = _ids(2, 170, seed=5)

@@ -58,6 +58,7 @@ FUSED: tuple[tuple[str, int, int], ...] = (  # codec, K axis, V axis of [Hkv, T,
     ("int4", 1, 2),
     ("kivi4", 1, 2),
     ("kivi2", 1, 2),
+    ("eb3", 1, 1),  # error-bounded, variable rate (ecco-eb at 3 bits/value)
 )
 TORCH_PATHS = ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
 QUANTO = {"nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64,
@@ -259,6 +260,7 @@ def bench_case(shape: str, T: int, threads: Sequence[int], repeats: int, chunk: 
             "fused_int4_over_fastest_torch": t["fused_int4"] / t[fastest_torch],
             "fused_kivi4_over_fastest_torch": t["fused_kivi4"] / t[fastest_torch],
             "fused_ecco4_over_quanto_int4": t["fused_ecco4"] / t["quanto_int4"],
+            "fused_eb3_over_fused_ecco4": t["fused_eb3"] / t["fused_ecco4"],
             "fused_kivi4_over_quanto_int4": t["fused_kivi4"] / t["quanto_int4"],
             "quanto_int4_vs_sdpa_fp32_max_rel_diff": q_err,
             "decode_sdpa_over_fused_ecco4": t["decode_sdpa_ecco4"] / t["fused_ecco4"],
@@ -322,8 +324,8 @@ def run(contexts: Sequence[int] = DEFAULT_CONTEXTS, threads: Sequence[int] = (1,
     return result
 
 
-PATH_ORDER = ("fused_ecco4", "fused_int4", "fused_kivi4", "fused_kivi2", "decode_sdpa_ecco4",
-              "quanto_int4", "sdpa_fp32", "sdpa_bf16", "eager_bf16")
+PATH_ORDER = ("fused_ecco4", "fused_eb3", "fused_int4", "fused_kivi4", "fused_kivi2",
+              "decode_sdpa_ecco4", "quanto_int4", "sdpa_fp32", "sdpa_bf16", "eager_bf16")
 
 
 def ratio_range(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
@@ -363,6 +365,8 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
                      + target_text(lo, hi, target, goal))
     lo, hi = ratio_range(long, "decode_sdpa_over_fused_ecco4")
     lines.append("- decode-then-SDPA / fused ecco4: " + target_text(lo, hi, 2.0, at_least=True))
+    lo, hi = ratio_range(long, "fused_eb3_over_fused_ecco4")
+    lines.append("- fused eb3 (variable rate) / fused ecco4: " + target_text(lo, hi, 1.25))
     for path in ("fused_ecco4", "fused_kivi4"):
         lo, hi = ratio_range(long, f"{path}_over_quanto_int4")
         lines.append(f"- {path.replace('_', ' ')} / transformers QuantizedCache (quanto int4, "

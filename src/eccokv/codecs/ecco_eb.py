@@ -266,8 +266,9 @@ class EccoEbCodec(Codec):
         channels weighted by their queries' second moment); decoding does not need it."""
         rs = None
         if row_scale is not None:
-            rs = np.ascontiguousarray(torch.as_tensor(row_scale).detach().cpu().to(
-                torch.float64).reshape(-1).numpy())
+            if isinstance(row_scale, torch.Tensor):
+                row_scale = row_scale.detach().cpu().to(torch.float64).numpy()
+            rs = np.ascontiguousarray(np.asarray(row_scale, dtype=np.float64).reshape(-1))
             if not (np.all(np.isfinite(rs)) and np.all(rs > 0)):
                 raise ValueError("row_scale must be finite and > 0 everywhere")
         x = check_input(x)

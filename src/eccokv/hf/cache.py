@@ -184,7 +184,13 @@ class _Stream:
         old = full[:, :, s:s + n]
         B, H, _, D = full.shape
         codec = self.spec.codec
-        if self.spec.axis == "tokens":
+        if self.spec.row_scale is not None:
+            if self.spec.row_scale.size != H * D:
+                raise ValueError(f"row_scale has {self.spec.row_scale.size} entries, the "
+                                 f"layer has {H} x {D} channels")
+            chunk = [codec.encode(old[b], axis=1, row_scale=self.spec.row_scale)
+                     for b in range(B)]
+        elif self.spec.axis == "tokens":
             chunk = [codec.encode(old[b], axis=1) for b in range(B)]
         elif D % max(1, codec.group_size) == 0:  # per-token groups: [H, n, D] over axis 2
             chunk = [codec.encode(old[b], axis=2) for b in range(B)]

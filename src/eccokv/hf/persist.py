@@ -144,7 +144,20 @@ def build_cache(config: Any, settings: dict[str, Any], **overrides: Any) -> Any:
             if codec.get_config() != cfg:
                 raise CacheFileError(f"layer {i} {part} codec: the data was written by codec "
                                      f"{cfg}, this eccokv builds {codec.get_config()}")
-            streams[f"{part}_codec"] = (codec, axis)
+            rs = spec[part].get("row_scale")
+            if rs is None:
+                streams[f"{part}_codec"] = (codec, axis)
+            else:
+                if (not isinstance(rs, list) or len(rs) > 1 << 20
+                        or not all(isinstance(v, (int, float)) for v in rs)):
+                    raise CacheFileError(f"layer {i} {part}: row_scale must be a list of "
+                                         "numbers")
+                from eccokv.hf.spec import stream
+
+                try:
+                    streams[f"{part}_codec"] = stream(codec, axis, row_scale=rs)
+                except ValueError as e:
+                    raise CacheFileError(f"layer {i} {part}: {e}") from None
         specs[i] = streams
     layer_types = _layer_types(config)
     sliding = "compress" if any(layer_types[i] != "full_attention" for i in specs) else "native"

@@ -29,12 +29,16 @@ CACHE_PRESETS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StreamSpec:
-    """One tensor stream (K or V) of a layer: its codec and grouping axis."""
+    """One tensor stream (K or V) of a layer: its codec and grouping axis, and optionally
+    per-channel bound multipliers `row_scale` [n_kv_heads * head_dim] for a codec that
+    takes them (ecco-eb over tokens: attention-aware key errors, docs/format.md); they
+    shape where bits go, not the format, so chunks decode without them."""
 
     codec: Codec
     axis: str
+    row_scale: Any = None
 
     def token_granularity(self, head_dim: int) -> int:
         """Tokens compressed at a time: whole groups. Over tokens, a group is `group_size`
@@ -45,7 +49,10 @@ class StreamSpec:
         return g if self.axis == "tokens" else g // math.gcd(g, head_dim)
 
     def describe(self) -> dict[str, Any]:
-        return {"codec": self.codec.get_config(), "axis": self.axis}
+        d: dict[str, Any] = {"codec": self.codec.get_config(), "axis": self.axis}
+        if self.row_scale is not None:
+            d["row_scale"] = [round(float(v), 6) for v in self.row_scale]
+        return d
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,10 @@ def _codec(c: CodecLike) -> Codec:
     raise TypeError(f"a codec must be a name, a config dict or a Codec, got {type(c).__name__}")
 
 
-def stream(s: StreamLike, default_axis: str) -> StreamSpec:
+def stream(s: StreamLike, default_axis: str, row_scale: Any = None) -> StreamSpec:
     """(codec, axis) tuple or a bare codec (axis = default_axis) -> StreamSpec."""
+    if isinstance(s, StreamSpec):
+        return s
     if isinstance(s, tuple):
         if len(s) != 2:
             raise ValueError(f"a stream spec tuple is (codec, axis), got {s!r}")
@@ -79,7 +88,18 @@ def stream(s: StreamLike, default_axis: str) -> StreamSpec:
         codec, axis = s, default_axis
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    return StreamSpec(_codec(codec), axis)
+    c = _codec(codec)
+    if row_scale is not None:
+        import numpy as np
+
+        rs = np.asarray(row_scale, dtype=np.float64).reshape(-1)
+        if axis != "tokens" or not hasattr(c, "target_bits"):
+            raise ValueError("row_scale needs a codec that takes it (ecco-eb) over tokens")
+        if not (np.isfinite(rs).all() and (rs > 0).all()):
+            raise ValueError("row_scale must be finite and > 0")
+        rs.setflags(write=False)
+        row_scale = rs
+    return StreamSpec(c, axis, row_scale)
 
 
 def layer_spec(codec: Any = "ecco4", key_codec: StreamLike | None = None,
