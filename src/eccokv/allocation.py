@@ -783,11 +783,11 @@ def merge_allocations(*docs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def packaged_allocation(name: str = "smollm2", config: Any = None) -> dict[str, Any]:
-    """The allocation shipped with eccokv for model `name` (src/eccokv/data/allocation-
+    """The allocation shipped with eccokv for model `name` (src/eccokv/profiles/allocation-
     <name>.json), validated like any file (against `config` when given)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,63}", name):
         raise ValueError(f"bad packaged allocation name {name!r}")
-    p = Path(__file__).parent / "data" / f"allocation-{name}.json"
+    p = Path(__file__).parent / "profiles" / f"allocation-{name}.json"
     if not p.is_file():
         raise FileNotFoundError(f"no packaged allocation for {name!r} ({p})")
     return load_allocation(p, config)

@@ -34,6 +34,10 @@ def cmd_codecs(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if getattr(args, "sensitivity", False):
+        from eccokv.allocation import run_cli
+
+        return run_cli(args)
     from eccokv.calibration import calibrate_model
 
     prof, report = calibrate_model(
@@ -356,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synthetic", type=float, default=0.0,
                    help="fraction of synthetic groups mixed in (generic profiles)")
     s.add_argument("--json", action="store_true")
+    __import__("eccokv.allocation", fromlist=["x"]).add_cli(s)
     s.set_defaults(fn=cmd_calibrate)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

@@ -27,7 +27,7 @@ from numba import njit, prange
 from eccokv import codecs, provenance
 
 DEFAULT_CODECS = ("none", "fp8", "int4", "int3", "int2", "kivi4", "kivi3", "kivi2", "ecco4",
-                  "ecco3", "ecco2")
+                  "ecco3", "ecco2", "eb4", "eb3", "eb2", "eb-rel0.05", "eb-abs0.05")
 
 
 @njit(parallel=True, cache=True)
@@ -76,6 +76,28 @@ def error_metrics(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     }
 
 
+def eb_bound_ratio(codec: Any, c: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - x_hat| / bound over every value of an ecco-eb tensor (<= 1 is the
+    guarantee), the bound computed independently: per group of 128 along the axis for
+    the relative mode, the chunk's stored bound in target mode."""
+    from eccokv.codecs.base import Layout, to_rows
+
+    lay = Layout(tuple(x.shape), c.axis, 128)
+    err = to_rows((y.double() - x.double()).abs(), lay)
+    if codec.bound_mode == "relative" and codec.target_bits is None:
+        g = to_rows(x, lay)
+        n = np.full(lay.nblocks, 128)
+        n[lay.ngroups - 1::lay.ngroups] = lay.length - (lay.ngroups - 1) * 128
+        valid = np.arange(128)[None, :] < n[:, None]
+        rng = (np.where(valid, g, -np.inf).max(1) - np.where(valid, g, np.inf).min(1))
+        bnd = codec.bound * rng.astype(np.float64)
+    else:
+        bnd = np.full(lay.nblocks, float(c.arrays["params"][1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(bnd[:, None] > 0, err / bnd[:, None], np.where(err > 0, np.inf, 0.0))
+    return float(r.max()) if r.size else 0.0
+
+
 def layouts(x: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
     """x: [layers, kv_heads, tokens, head_dim] -> {"tokens": (x, 2), "channels": (x', -1)}."""
     L, H, T, D = x.shape
@@ -102,6 +124,8 @@ def bench_one(codec_name: str, x: torch.Tensor, axis: int, threads: Sequence[int
         **error_metrics(x, y),
         "fallback_rate": st.get("fallback_rate"),
     }
+    if c.codec_config.get("id") == "ecco-eb":
+        row["max_err_over_bound"] = eb_bound_ratio(codec, c, x, y)
     out = torch.empty_like(x)
     for th in threads:
         numba.set_num_threads(th)
@@ -247,6 +271,17 @@ def to_markdown(result: dict[str, Any]) -> str:
                         for t in th)
         lines.append(f"| {r['data']} | {r['grouping']} | {r['codec']} | "
                      f"{r['bits_per_value']:.4f} | {r['rel_rmse']:.4f} | {sp} |")
+    eb = [r for r in rows if "max_err_over_bound" in r]
+    if eb:
+        worst = max(r["max_err_over_bound"] for r in eb)
+        lines += ["", "## ecco-eb: the error bound on every value (max |x - x_hat| / bound; "
+                  f"<= 1 is guaranteed; worst here {worst:.4f}: "
+                  f"{'held' if worst <= 1 else 'BROKEN'})", "",
+                  "| data | grouping | codec | bits/value | max err / bound |",
+                  "|---|---|---|---|---|"]
+        for r in eb:
+            lines.append(f"| {r['data']} | {r['grouping']} | {r['codec']} | "
+                         f"{r['bits_per_value']:.4f} | {r['max_err_over_bound']:.4f} |")
     ecco = [r for r in rows if r["codec"].startswith("ecco") and r["data"].startswith("smollm2")]
     if ecco:
         lines += ["", "## Ecco decode speed (real K/V; G values/s, float32 output; target >= 1.2 "

@@ -43,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "eb3": {"id": "ecco-eb", "target_bits": 3.0},
     "eb4": {"id": "ecco-eb", "target_bits": 4.0},
     "eb-rel0.05": {"id": "ecco-eb", "bound": 0.05, "bound_mode": "relative"},
+    "eb-abs0.05": {"id": "ecco-eb", "bound": 0.05, "bound_mode": "absolute"},
 }
 
 _loaded = False

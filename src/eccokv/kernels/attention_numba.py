@@ -22,9 +22,9 @@ token of the chunk):
 * ecco-eb (kind 3, the same grouping, variable-size blocks): addr0 = data (uint64, n0
   words), addr1 = offset index (uint32, n1 entries), addr8 / addr9 / addr10 = the
   format's step table (float64, EB_STEPS), multi-symbol tables (uint32, EB_MTAB) and
-  code lengths (uint8, EB_LENS); fields = KB | ZB << 8; ``tsc[c]`` = the step d0. Ecco
-  and ecco-eb blocks go through the same item loops, each format's blocks through its
-  own decode core (`ecco_core`, `eb_core`).
+  code lengths (uint8, EB_LENS); fields = KB | ZB << 8; ``tsc[c]`` = the step d0. Its
+  item loops mirror Ecco's, with blocks through `eb_core` (one generic loop for both
+  formats slowed the fused ecco4 step by ~12% here, so each format has its own).
 * int (kind 1: groups of G tokens of one channel; kind 2: groups of G channels of one
   token): addr0 = packed codes (uint8, n0 bytes), addr1 / addr2 = scale / zero
   (n1 entries, float32 if flag == 1 else float16 bits).
@@ -217,15 +217,10 @@ def _unpack(codes, i0, n, bits, out):
 
 
 @njit(inline="always", cache=True)
-def _quad(fmt, ix, kb, zb, sb, mt, ln, words, b, stride, nv, t, tsc, sy, lv, lo, AB, i0):
-    """Blocks b, b + stride, b + 2 stride, b + 3 stride through their format's decode
-    core (fmt 0: Ecco with tables t; 1: ecco-eb with index ix, field widths kb/zb and
-    tables sb/mt/ln; tsc: Ecco's tensor scale or ecco-eb's step; nv: the blocks' valid
-    values): code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]; returns
-    the corrupt-block count."""
-    if fmt == 1:
-        return eb_core.decode4(words, ix, b, b + stride, b + 2 * stride, b + 3 * stride, nv,
-                               kb, zb, tsc, sb, mt, ln, sy, lv, lo, AB, i0)
+def _quad(words, b, stride, t, tsc, sy, lv, lo, AB, i0):
+    """Blocks b, b + stride, b + 2 stride, b + 3 stride through the shared decode core
+    (code-space levels -> lv[lo : lo+512], A/B -> AB[2 i0 : 2 i0 + 8]); returns the
+    corrupt-block count."""
     n = decode4(words, b, b + stride, b + 2 * stride, b + 3 * stride, t, tsc, sy, lv, lo, AB,
                 i0)
     if n < 0:
@@ -235,29 +230,19 @@ def _quad(fmt, ix, kb, zb, sb, mt, ln, words, b, stride, nv, t, tsc, sy, lv, lo,
 
 
 @njit(inline="always", cache=True)
-def _one(fmt, ix, kb, zb, sb, mt, ln, words, b, nv, t, tsc, sy, lv, lo, AB, i):
-    """One block through its format's decode core (see `_quad`)."""
-    if fmt == 1:
-        return eb_core.decode1(words, ix, b, nv, kb, zb, tsc, sb, mt, ln, sy, lv, lo, AB, i)
-    return decode1(words, b, t, tsc, sy, lv, lo, AB, i)
-
-
-@njit(inline="always", cache=True)
-def _eb_views(ch, c, fmt):
-    """ecco-eb chunk c's index and tables (empty views for an Ecco chunk)."""
-    ix = carray(_ptr_u32(ch[c, 1]), ch[c, 7] if fmt == 1 else 0)
-    sb = carray(_ptr_f64(ch[c, 8]), EB_STEPS if fmt == 1 else 0)
-    mt = carray(_ptr_u32(ch[c, 9]), EB_MTAB if fmt == 1 else 0)
-    ln = carray(_ptr_u8(ch[c, 10]), EB_LENS if fmt == 1 else 0)
-    return ix, np.int64(ch[c, 11] & 255), np.int64(ch[c, 11] >> 8), sb, mt, ln
+def _eb_views(ch, c):
+    """ecco-eb chunk c's data, index, field widths and tables (see the module docstring)."""
+    return (carray(_ptr_u64(ch[c, 0]), ch[c, 6]), carray(_ptr_u32(ch[c, 1]), ch[c, 7]),
+            np.int64(ch[c, 11] & 255), np.int64(ch[c, 11] >> 8),
+            carray(_ptr_f64(ch[c, 8]), EB_STEPS), carray(_ptr_u32(ch[c, 9]), EB_MTAB),
+            carray(_ptr_u8(ch[c, 10]), EB_LENS))
 
 
 # ----------------------------------------------------------------------------- K side items
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc, fmt, ix,
-                 kb, zb, sb, mt, ln):
+def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc):
     """Scores of token groups g0 .. g0+ng-1 of one Ecco chunk (Tc tokens, ngroups groups)
     for KV head h: S[soff + r*T + t] (t from the first token of group g0) =
     sum_d qf[r, d] * K[t, d], computed as (q*A) * level + (sum_d q*B), the latter once
@@ -276,9 +261,8 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     d = 0
     while d + 4 <= D:
         for gi in range(ng):
-            nbad += _quad(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g0 + gi,
-                          ngroups, min(_G, Tc - (g0 + gi) * _G), t, tsc, sy, lv, gi * 4 * _G,
-                          AB, gi * 4)
+            nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv,
+                          gi * 4 * _G, AB, gi * 4)
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
             q0 = np.uint64(gi * 4 * _G)
@@ -310,8 +294,96 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     while d < D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
-            nbad += _one(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g0 + gi, n,
-                         t, tsc, sy, lv, 0, AB, 0)
+            nbad += decode1(words, (h * D + d) * ngroups + g0 + gi, t, tsc, sy, lv, 0, AB, 0)
+            lv0 = lv[0:n]
+            for r in range(R):
+                qd = qf[qoff + r * D + d]
+                a0 = qd * AB[0]
+                cB[r * ng + gi] += qd * AB[1]
+                so = soff + r * T + gi * _G
+                srow = S[so:so + n]
+                for k in range(n):
+                    srow[k] += a0 * lv0[k]
+        d += 1
+    for r in range(R):
+        for gi in range(ng):
+            so = soff + r * T + gi * _G
+            srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
+            c = cB[r * ng + gi]
+            for k in range(srow.shape[0]):
+                srow[k] += c
+    return nbad
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _k_eb_item(words, ix, kb, zb, sb, mt, ln, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff,
+               T, d0):
+    """`_k_ecco_item` for an ecco-eb chunk (index ix, field widths kb/zb, step d0,
+    tables sb/mt/ln): the same loops, blocks through `eb_core`."""
+    # the ng quads of one channel quad are decoded first, then used
+    lv = np.empty(ng * 4 * _G, np.float32)
+    sy = np.empty(4 * SYM_STRIDE, np.uint8)
+    AB = np.empty(ng * 8, np.float32)
+    cB = np.zeros(R * ng, np.float32)
+    ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
+    for r in range(R):
+        S[soff + r * T:soff + r * T + ntok] = _F0
+    nbad = 0
+    d = 0
+    LB = eb_core.LEN_BITS
+    while d + 4 <= D:
+        # each channel's blocks follow each other: one index walk, then + length
+        b = (h * D + d) * ngroups + g0
+        p0, l0 = eb_core.locate(words, ix, b)
+        p1, l1 = eb_core.locate(words, ix, b + ngroups)
+        p2, l2 = eb_core.locate(words, ix, b + 2 * ngroups)
+        p3, l3 = eb_core.locate(words, ix, b + 3 * ngroups)
+        for gi in range(ng):
+            nbad += eb_core.decode4_at(words, p0, l0, p1, l1, p2, l2, p3, l3,
+                                       min(_G, Tc - (g0 + gi) * _G), kb, zb, d0, sb, mt, ln,
+                                       sy, lv, gi * 4 * _G, AB, gi * 4)
+            if gi + 1 < ng:
+                p0 += l0
+                p1 += l1
+                p2 += l2
+                p3 += l3
+                l0 = eb_core.field(words, p0, LB)
+                l1 = eb_core.field(words, p1, LB)
+                l2 = eb_core.field(words, p2, LB)
+                l3 = eb_core.field(words, p3, LB)
+        for gi in range(ng):
+            n = min(_G, Tc - (g0 + gi) * _G)
+            q0 = np.uint64(gi * 4 * _G)
+            a8 = gi * 8
+            A0 = AB[a8]
+            A1 = AB[a8 + 2]
+            A2 = AB[a8 + 4]
+            A3 = AB[a8 + 6]
+            Bq = np.uint64(a8)
+            for r in range(R):
+                qo = qoff + r * D + d
+                q_0 = qf[qo]
+                q_1 = qf[qo + 1]
+                q_2 = qf[qo + 2]
+                q_3 = qf[qo + 3]
+                a0 = q_0 * A0
+                a1 = q_1 * A1
+                a2 = q_2 * A2
+                a3 = q_3 * A3
+                cB[r * ng + gi] += (q_0 * AB[Bq + np.uint64(1)] + q_1 * AB[Bq + np.uint64(3)]
+                                    + q_2 * AB[Bq + np.uint64(5)] + q_3 * AB[Bq + np.uint64(7)])
+                so = np.uint64(soff + r * T + gi * _G)
+                for k in range(n):
+                    uk = np.uint64(k)
+                    S[so + uk] += ((a0 * lv[q0 + uk] + a1 * lv[q0 + np.uint64(_G) + uk])
+                                   + (a2 * lv[q0 + np.uint64(2 * _G) + uk]
+                                      + a3 * lv[q0 + np.uint64(3 * _G) + uk]))
+        d += 4
+    while d < D:
+        for gi in range(ng):
+            n = min(_G, Tc - (g0 + gi) * _G)
+            nbad += eb_core.decode1(words, ix, (h * D + d) * ngroups + g0 + gi, n, kb, zb, d0,
+                                    sb, mt, ln, sy, lv, 0, AB, 0)
             lv0 = lv[0:n]
             for r in range(R):
                 qd = qf[qoff + r * D + d]
@@ -495,12 +567,17 @@ def _k_item(it, kind, t, G, bits, ch, tsc, it_c,
     qoff = h * R * D
     Tc = ch[c, 3]
     soff = h * R * T + ch[c, 4] + s - a
-    if kind == 0 or kind == 3:
-        fmt = 1 if kind == 3 else 0
+    if kind == 0:
         words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
-        ix, kb, zb, sb, mt, ln = _eb_views(ch, c, fmt)
         nb = _k_ecco_item(words, h, s // _G, (n + _G - 1) // _G, (Tc + _G - 1) // _G, Tc, D, qf,
-                          qoff, R, S, soff, T, t, tsc[c], fmt, ix, kb, zb, sb, mt, ln)
+                          qoff, R, S, soff, T, t, tsc[c])
+        if nb:
+            bad[c] = 1
+        return
+    if kind == 3:
+        words, ix, kb, zb, sb, mt, ln = _eb_views(ch, c)
+        nb = _k_eb_item(words, ix, kb, zb, sb, mt, ln, h, s // _G, (n + _G - 1) // _G,
+                        (Tc + _G - 1) // _G, Tc, D, qf, qoff, R, S, soff, T, tsc[c])
         if nb:
             bad[c] = 1
         return
@@ -546,8 +623,7 @@ def k_phase(kind, t, G, bits, ch, tsc, it_c, it_h,
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc, fmt,
-                  ix, kb, zb, sb, mt, ln):
+def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
     """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over token groups g0 .. g1-1 of one Ecco
     chunk (its token 0 at column t0c of P), channels d0 .. d1-1: per block
     A * (p . levels) + B * sum(p). Returns the number of corrupt blocks."""
@@ -569,8 +645,7 @@ def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum
             psum[r] = x
         d = d0
         while d + 4 <= d1:
-            nbad += _quad(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g,
-                          ngroups, n, t, tsc, sy, lv, 0, AB, 0)
+            nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, 0, AB, 0)
             for r in range(R):
                 pb = np.uint64(tb + r * T)
                 x0 = _F0
@@ -592,8 +667,76 @@ def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum
                 acc[ao + 3] += AB[6] * x3 + AB[7] * pr
             d += 4
         while d < d1:
-            nbad += _one(fmt, ix, kb, zb, sb, mt, ln, words, (h * D + d) * ngroups + g, n, t,
-                         tsc, sy, lv, 0, AB, 0)
+            nbad += decode1(words, (h * D + d) * ngroups + g, t, tsc, sy, lv, 0, AB, 0)
+            for r in range(R):
+                prow = P[tb + r * T:tb + r * T + n]
+                x0 = _F0
+                for k in range(n):
+                    x0 += prow[k] * lv0[k]
+                acc[r * w + d - d0] += AB[0] * x0 + AB[1] * psum[r]
+            d += 1
+    return nbad
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _v_eb_chunk(words, ix, kb, zb, sb, mt, ln, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T,
+                acc, psum, st):
+    """`_v_ecco_chunk` for an ecco-eb chunk (index ix, field widths kb/zb, step st,
+    tables sb/mt/ln): the same loops, blocks through `eb_core`."""
+    w = d1 - d0
+    lv = np.empty(4 * _G, np.float32)
+    sy = np.empty(4 * SYM_STRIDE, np.uint8)
+    AB = np.empty(8, np.float32)
+    ngroups = (Tc + _G - 1) // _G
+    nbad = 0
+    # each channel's blocks follow each other: one index walk per channel, then + length
+    rp = np.empty(w, np.int64)
+    rl = np.empty(w, np.int64)
+    for j in range(w):
+        rp[j], rl[j] = eb_core.locate(words, ix, (h * D + d0 + j) * ngroups + g0)
+    for g in range(g0, g1):
+        if g > g0:
+            for j in range(w):
+                rp[j] += rl[j]
+                rl[j] = eb_core.field(words, rp[j], eb_core.LEN_BITS)
+        n = min(_G, Tc - g * _G)
+        tb = poff + t0c + g * _G
+        lv0 = lv[0:n]
+        for r in range(R):
+            prow = P[tb + r * T:tb + r * T + n]
+            x = _F0
+            for k in range(n):
+                x += prow[k]
+            psum[r] = x
+        d = d0
+        while d + 4 <= d1:
+            j = d - d0
+            nbad += eb_core.decode4_at(words, rp[j], rl[j], rp[j + 1], rl[j + 1], rp[j + 2],
+                                       rl[j + 2], rp[j + 3], rl[j + 3], n, kb, zb, st, sb, mt,
+                                       ln, sy, lv, 0, AB, 0)
+            for r in range(R):
+                pb = np.uint64(tb + r * T)
+                x0 = _F0
+                x1 = _F0
+                x2 = _F0
+                x3 = _F0
+                for k in range(n):
+                    uk = np.uint64(k)
+                    pt = P[pb + uk]
+                    x0 += pt * lv[uk]
+                    x1 += pt * lv[np.uint64(_G) + uk]
+                    x2 += pt * lv[np.uint64(2 * _G) + uk]
+                    x3 += pt * lv[np.uint64(3 * _G) + uk]
+                ao = r * w + d - d0
+                pr = psum[r]
+                acc[ao] += AB[0] * x0 + AB[1] * pr
+                acc[ao + 1] += AB[2] * x1 + AB[3] * pr
+                acc[ao + 2] += AB[4] * x2 + AB[5] * pr
+                acc[ao + 3] += AB[6] * x3 + AB[7] * pr
+            d += 4
+        while d < d1:
+            nbad += eb_core.decode1_at(words, rp[d - d0], rl[d - d0], n, kb, zb, st, sb, mt,
+                                       ln, sy, lv, 0, AB, 0)
             for r in range(R):
                 prow = P[tb + r * T:tb + r * T + n]
                 x0 = _F0
@@ -693,13 +836,16 @@ def _v_item(it, kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1,
             continue
         Tc = ch[c, 3]
         t0c = ch[c, 4] - a
-        if kind == 0 or kind == 3:
-            fmt = 1 if kind == 3 else 0
+        if kind == 0:
             words = carray(_ptr_u64(ch[c, 0]), ch[c, 6])
-            ix, kb, zb, sb, mt, ln = _eb_views(ch, c, fmt)
             if _v_ecco_chunk(words, Tc, t0c, cl0[c] // _G, (cl1[c] + _G - 1) // _G, h, d0, d1,
-                             D, P, poff, R, T, acc, psum, t, tsc[c], fmt, ix, kb, zb, sb, mt,
-                             ln):
+                             D, P, poff, R, T, acc, psum, t, tsc[c]):
+                bad[c] = 1
+        elif kind == 3:
+            words, ix, kb, zb, sb, mt, ln = _eb_views(ch, c)
+            if _v_eb_chunk(words, ix, kb, zb, sb, mt, ln, Tc, t0c, cl0[c] // _G,
+                           (cl1[c] + _G - 1) // _G, h, d0, d1, D, P, poff, R, T, acc, psum,
+                           tsc[c]):
                 bad[c] = 1
         else:
             is32 = ch[c, 5] == 1
@@ -789,7 +935,7 @@ def v_phase(kind, t, G, bits, ch, tsc, cl0, cl1, vx, Te, e0, e1, es,
             Tc_tot, a, P, lsum, Hkv, R, D, T, dw, out, bad, it_c, it_h, it_s, it_n, part):
     """out[h, r, d] = sum_t p[h, r, t] * V[h, a + t, d] / lsum[h, r] (0 where lsum == 0)
     over the context block a .. a+T-1 (p = P [Hkv, R, T] from `k_phase`).
-    kind 0/1: work items (KV head, dw consecutive channels), each over chunk c's tokens
+    kind 0/1/3: work items (KV head, dw consecutive channels), each over chunk c's tokens
     cl0[c] .. cl1[c]-1 (group aligned; none where cl1 <= cl0) and the exact tail's tokens
     e0 .. e1-1. kind 2 (int grouped over channels): token-span items (it_c, it_h, it_s,
     it_n and the exact tokens in pieces of `es`, as in `k_phase`) write partial sums into

@@ -108,22 +108,26 @@ def header(words, pos, KB, ZB, d0, sbase):
 
 @njit(inline="always", cache=True)
 def zigzag_levels(sy, so, n, lv, lo):
-    """lv[lo + j] = e of zigzag symbol sy[so + j] (j < n), as float32."""
-    for j in range(n):
-        s = np.int64(sy[so + j])
-        lv[lo + j] = np.float32((s >> 1) ^ -(s & 1))
+    """lv[lo + j] = e of zigzag symbol sy[so + j] (j < n), as float32; returns how many
+    are escapes (one pass)."""
+    ne = np.int32(0)
+    src = sy[so:so + n]
+    dst = lv[lo:lo + n]
+    for j in range(n):  # 32-bit integer ops: vectorised 16 wide with AVX-512
+        s = np.int32(src[j])
+        dst[j] = np.float32((s >> np.int32(1)) ^ -(s & np.int32(1)))
+        ne += np.int32(s == np.int32(ESC))
+    return np.int64(ne)
 
 
 @njit(inline="always", cache=True)
-def escapes(words, bb, pos, BB, ew, sy, so, n, lv, lo):
-    """Apply the escapes of a Huffman block whose codes end at bit pos (relative to byte
-    bb) and whose block ends at BB: every symbol ESC takes the next ew-bit e. Returns 1
-    if the escapes do not fill the block exactly (or a stream overran): corrupt."""
+def escapes(words, bb, pos, BB, ew, sy, so, n, ne, lv, lo):
+    """Apply the ne escapes of a Huffman block whose codes end at bit pos (relative to
+    byte bb) and whose block ends at BB: every symbol ESC takes the next ew-bit e.
+    Returns 1 if the escapes do not fill the block exactly (or a stream overran):
+    corrupt."""
     if pos > BB:
         return np.int64(1)
-    ne = 0
-    for j in range(n):
-        ne += np.int64(sy[so + j] == ESC)
     if ne == 0:
         return np.int64(pos != BB or ew != 0)
     if ew == 0 or pos + ne * ew != BB:
@@ -169,6 +173,13 @@ def decode1(words, index, b, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB, i
     """Decode block b of n valid values in code space: levels -> lv[lo : lo+n], A ->
     AB[2i], B -> AB[2i+1]. Returns 1 if its codes do not end exactly at the block's end."""
     pos, ln = locate(words, index, b)
+    return decode1_at(words, pos, ln, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB, i)
+
+
+@njit(cache=True, error_model="numpy")
+def decode1_at(words, pos, ln, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB, i):
+    """`decode1` for the block at bit pos of length ln (from `locate`, or the previous
+    block of the row plus its length)."""
     cb, A, B, o, w = header(words, pos, KB, ZB, d0, sbase)
     if cb >= CB_FIXED:
         other_block(words, pos, cb, A, B, o, w, n, lv, lo, AB, i)
@@ -179,21 +190,8 @@ def decode1(words, index, b, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB, i
     BB = pos + ln - (bb << 3)
     e = tail_at(words, bb, o - (bb << 3), 0, n, sy, BB, mtab,
                 np.uint64(cb << MULTI_BITS), lens, cb * NSYM, np.uint8(NSYM - 1))
-    zigzag_levels(sy, 0, n, lv, lo)
-    return escapes(words, bb, e, BB, w, sy, 0, n, lv, lo)
-
-
-@njit(cache=True, error_model="numpy")
-def decode4_slow(words, index, b0, b1, b2, b3, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo,
-                 AB, i0):
-    """`decode4` one block at a time (a quad with a fixed-width or exact block)."""
-    return (decode1(words, index, b0, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB, i0)
-            + decode1(words, index, b1, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo + G, AB,
-                      i0 + 1)
-            + decode1(words, index, b2, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo + 2 * G,
-                      AB, i0 + 2)
-            + decode1(words, index, b3, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo + 3 * G,
-                      AB, i0 + 3))
+    ne = zigzag_levels(sy, 0, n, lv, lo)
+    return escapes(words, bb, e, BB, w, sy, 0, n, ne, lv, lo)
 
 
 @njit(inline="always", cache=True)
@@ -207,13 +205,29 @@ def decode4(words, index, b0, b1, b2, b3, n, KB, ZB, d0, sbase, mtab, lens, sy, 
     p1, n1 = locate(words, index, b1)
     p2, n2 = locate(words, index, b2)
     p3, n3 = locate(words, index, b3)
+    return decode4_at(words, p0, n0, p1, n1, p2, n2, p3, n3, n, KB, ZB, d0, sbase, mtab, lens,
+                      sy, lv, lo, AB, i0)
+
+
+@njit(inline="always", cache=True)
+def decode4_at(words, p0, n0, p1, n1, p2, n2, p3, n3, n, KB, ZB, d0, sbase, mtab, lens, sy,
+               lv, lo, AB, i0):
+    """`decode4` for blocks at bit positions p0..p3 of lengths n0..n3 (consumers that walk
+    a row's blocks in order pass the previous block's position plus its length, so no
+    index walk is needed)."""
     c0, A0, B0, o0, w0 = header(words, p0, KB, ZB, d0, sbase)
     c1, A1, B1, o1, w1 = header(words, p1, KB, ZB, d0, sbase)
     c2, A2, B2, o2, w2 = header(words, p2, KB, ZB, d0, sbase)
     c3, A3, B3, o3, w3 = header(words, p3, KB, ZB, d0, sbase)
     if c0 >= CB_FIXED or c1 >= CB_FIXED or c2 >= CB_FIXED or c3 >= CB_FIXED:
-        return decode4_slow(words, index, b0, b1, b2, b3, n, KB, ZB, d0, sbase, mtab, lens,
-                            sy, lv, lo, AB, i0)
+        return (decode1_at(words, p0, n0, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo, AB,
+                           i0)
+                + decode1_at(words, p1, n1, n, KB, ZB, d0, sbase, mtab, lens, sy, lv, lo + G,
+                             AB, i0 + 1)
+                + decode1_at(words, p2, n2, n, KB, ZB, d0, sbase, mtab, lens, sy, lv,
+                             lo + 2 * G, AB, i0 + 2)
+                + decode1_at(words, p3, n3, n, KB, ZB, d0, sbase, mtab, lens, sy, lv,
+                             lo + 3 * G, AB, i0 + 3))
     AB[2 * i0 + 0] = A0
     AB[2 * i0 + 1] = B0
     AB[2 * i0 + 2] = A1
@@ -235,11 +249,11 @@ def decode4(words, index, b0, b1, b2, b3, n, KB, ZB, d0, sbase, mtab, lens, sy, 
         o3 - (bb3 << 3), E0, E1, E2, E3, np.uint64(c0 << MULTI_BITS),
         np.uint64(c1 << MULTI_BITS), np.uint64(c2 << MULTI_BITS), np.uint64(c3 << MULTI_BITS),
         c0 * NSYM, c1 * NSYM, c2 * NSYM, c3 * NSYM, mtab, lens, np.uint8(NSYM - 1), n, sy)
-    zigzag_levels(sy, 0, n, lv, lo)
-    zigzag_levels(sy, SYM_STRIDE, n, lv, lo + G)
-    zigzag_levels(sy, 2 * SYM_STRIDE, n, lv, lo + 2 * G)
-    zigzag_levels(sy, 3 * SYM_STRIDE, n, lv, lo + 3 * G)
-    return (escapes(words, bb0, e0, E0, w0, sy, 0, n, lv, lo)
-            + escapes(words, bb1, e1, E1, w1, sy, SYM_STRIDE, n, lv, lo + G)
-            + escapes(words, bb2, e2, E2, w2, sy, 2 * SYM_STRIDE, n, lv, lo + 2 * G)
-            + escapes(words, bb3, e3, E3, w3, sy, 3 * SYM_STRIDE, n, lv, lo + 3 * G))
+    x0 = zigzag_levels(sy, 0, n, lv, lo)
+    x1 = zigzag_levels(sy, SYM_STRIDE, n, lv, lo + G)
+    x2 = zigzag_levels(sy, 2 * SYM_STRIDE, n, lv, lo + 2 * G)
+    x3 = zigzag_levels(sy, 3 * SYM_STRIDE, n, lv, lo + 3 * G)
+    return (escapes(words, bb0, e0, E0, w0, sy, 0, n, x0, lv, lo)
+            + escapes(words, bb1, e1, E1, w1, sy, SYM_STRIDE, n, x1, lv, lo + G)
+            + escapes(words, bb2, e2, E2, w2, sy, 2 * SYM_STRIDE, n, x2, lv, lo + 2 * G)
+            + escapes(words, bb3, e3, E3, w3, sy, 3 * SYM_STRIDE, n, x3, lv, lo + 3 * G))

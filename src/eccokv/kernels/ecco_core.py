@@ -38,7 +38,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["EccoTables", "MULTI_BITS", "SYM_STRIDE"]
+__all__ = ["EccoTables", "MULTI_BITS", "SYM_STRIDE", "symbols4_at", "tail_at"]
 
 G = 128  # values per block
 MULTI_BITS = 11  # peek width of the multi-symbol table (4 codebooks x 8 KB: fits L1)
@@ -221,27 +221,20 @@ def _look5(m, toff, x, c, j, sy):
 
 
 @njit(inline="always", cache=True)
-def tail_at(words, bb, c, j, jend, sy, BB, mtab, toff, lens, lo, smask):
-    """Finish one stream of a block that starts at byte bb and ends at bit BB (relative to
-    bb): lookups in mtab (from entry toff) until symbol jend is reached, then give back
-    the bits of the symbols decoded past it using the code lengths lens[lo + symbol]
-    (symbols masked by smask). Returns the bit position after the stream's last code
-    (> BB: corrupt). Shared by every block format with Huffman streams."""
+def _tail(words, bb, c, j, jend, sy, t, toff, h):
+    """Finish one stream: lookups until symbol jend is reached, then give back the bits
+    of the symbols decoded past it (they were patch bits) using the code lengths.
+    Returns the bit position after the block's last code (> block_bits: corrupt)."""
+    BB = t.block_bits
     while j < jend:
         if c >= BB:
             return BB + 1
-        c, j = _look5(mtab, toff, peek(words, bb, c), c, j, sy)
+        c, j = _look5(t.mtab, toff, peek(words, bb, c), c, j, sy)
+    lo = h * 16
     while j > jend:
         j -= 1
-        c -= np.int64(lens[lo + np.int64(sy[j] & smask)])
+        c -= np.int64(t.lens[lo + np.int64(sy[j] & np.uint8(15))])
     return c
-
-
-@njit(inline="always", cache=True)
-def _tail(words, bb, c, j, jend, sy, t, toff, h):
-    """`tail_at` for an Ecco block (ends at block_bits, 16 symbols per codebook)."""
-    return tail_at(words, bb, c, j, jend, sy, t.block_bits, t.mtab, toff, t.lens, h * 16,
-                   np.uint8(15))
 
 
 @njit(inline="always", cache=True)
@@ -255,15 +248,103 @@ def symbols1(words, b, h, t, sy, so):
 
 
 @njit(inline="always", cache=True)
+def symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy):
+    """Phase 1 for four mode-0 blocks side by side -> sy[i * SYM_STRIDE ...]. Lookups
+    run on past symbol 128 (at most 14 more, into SYM_STRIDE's slack) and `_tail` gives
+    their bits back. Four streams ran 1.5x faster than two here, despite some register
+    spills. Returns the four end positions (> block_bits: corrupt)."""
+    W = t.block_bits >> 6
+    BB = t.block_bits
+    m = t.mtab
+    bb0 = b0 * W * 8
+    bb1 = b1 * W * 8
+    bb2 = b2 * W * 8
+    bb3 = b3 * W * 8
+    t0 = np.uint64(h0 << MULTI_BITS)
+    t1 = np.uint64(h1 << MULTI_BITS)
+    t2 = np.uint64(h2 << MULTI_BITS)
+    t3 = np.uint64(h3 << MULTI_BITS)
+    hb = header_bits(t)
+    c0 = hb
+    c1 = hb
+    c2 = hb
+    c3 = hb
+    j0 = 0
+    j1 = SYM_STRIDE
+    j2 = 2 * SYM_STRIDE
+    j3 = 3 * SYM_STRIDE
+    E0 = G
+    E1 = SYM_STRIDE + G
+    E2 = 2 * SYM_STRIDE + G
+    E3 = 3 * SYM_STRIDE + G
+    M = np.uint64(2047)
+    while (j0 < E0 and j1 < E1 and j2 < E2 and j3 < E3 and c0 < BB and c1 < BB and c2 < BB
+           and c3 < BB):
+        x0 = peek(words, bb0, c0)
+        x1 = peek(words, bb1, c1)
+        x2 = peek(words, bb2, c2)
+        x3 = peek(words, bb3, c3)
+        for _ in range(4):
+            e0 = m[t0 + (x0 & M)]
+            e1 = m[t1 + (x1 & M)]
+            e2 = m[t2 + (x2 & M)]
+            e3 = m[t3 + (x3 & M)]
+            store_u32(sy, j0, e0)
+            store_u32(sy, j1, e1)
+            store_u32(sy, j2, e2)
+            store_u32(sy, j3, e3)
+            j0 += np.int64((e0 >> np.uint32(24)) & np.uint32(3))
+            j1 += np.int64((e1 >> np.uint32(24)) & np.uint32(3))
+            j2 += np.int64((e2 >> np.uint32(24)) & np.uint32(3))
+            j3 += np.int64((e3 >> np.uint32(24)) & np.uint32(3))
+            n0 = np.uint64(e0 >> np.uint32(26))
+            n1 = np.uint64(e1 >> np.uint32(26))
+            n2 = np.uint64(e2 >> np.uint32(26))
+            n3 = np.uint64(e3 >> np.uint32(26))
+            x0 >>= n0
+            x1 >>= n1
+            x2 >>= n2
+            x3 >>= n3
+            c0 += np.int64(n0)
+            c1 += np.int64(n1)
+            c2 += np.int64(n2)
+            c3 += np.int64(n3)
+    e0 = _tail(words, bb0, c0, j0, E0, sy, t, t0, h0)
+    e1 = _tail(words, bb1, c1, j1, E1, sy, t, t1, h1)
+    e2 = _tail(words, bb2, c2, j2, E2, sy, t, t2, h2)
+    e3 = _tail(words, bb3, c3, j3, E3, sy, t, t3, h3)
+    return e0, e1, e2, e3
+
+
+@njit(inline="always", cache=True)
+def tail_at(words, bb, c, j, jend, sy, BB, mtab, toff, lens, lo, smask):
+    """Finish one stream of a block that starts at byte bb and ends at bit BB (relative to
+    bb): lookups in mtab (from entry toff) until symbol jend is reached, then give back
+    the bits of the symbols decoded past it using the code lengths lens[lo + symbol]
+    (symbols masked by smask). Returns the bit position after the stream's last code
+    (> BB: corrupt). `_tail` for blocks of variable size (ecco-eb)."""
+    while j < jend:
+        if c >= BB:
+            return BB + 1
+        c, j = _look5(mtab, toff, peek(words, bb, c), c, j, sy)
+    while j > jend:
+        j -= 1
+        c -= np.int64(lens[lo + np.int64(sy[j] & smask)])
+    return c
+
+
+@njit(inline="always", cache=True)
 def symbols4_at(words, bb0, bb1, bb2, bb3, c0, c1, c2, c3, BB0, BB1, BB2, BB3, t0, t1, t2,
                 t3, lo0, lo1, lo2, lo3, m, lens, smask, n, sy):
     """Phase 1 for four Huffman streams of n (<= 128) symbols each, side by side ->
     sy[i * SYM_STRIDE ...]. Stream i starts at bit ci of the block at byte bbi, ends by
     bit BBi (relative to bbi), and is decoded with the multi-symbol table m from entry ti
     (code lengths lens[loi + symbol]). Lookups run on past symbol n (at most 14 more,
-    into SYM_STRIDE's slack) and `tail_at` gives their bits back. Four streams ran 1.5x
-    faster than two here, despite some register spills. Returns the four end positions
-    (> BBi: corrupt)."""
+    into SYM_STRIDE's slack) and `tail_at` gives their bits back. Returns the four end
+    positions (> BBi: corrupt). This is `symbols4` for blocks of variable size and
+    length (ecco-eb); Ecco's fixed-size blocks keep their own copy: routing them through
+    this general form slowed the fused ecco4 step by 6-10% here (llama3-8b layer, 4K).
+    A change to the multi-symbol entries must be made in both."""
     j0 = 0
     j1 = SYM_STRIDE
     j2 = 2 * SYM_STRIDE
@@ -309,21 +390,6 @@ def symbols4_at(words, bb0, bb1, bb2, bb3, c0, c1, c2, c3, BB0, BB1, BB2, BB3, t
     e2 = tail_at(words, bb2, c2, j2, E2, sy, BB2, m, t2, lens, lo2, smask)
     e3 = tail_at(words, bb3, c3, j3, E3, sy, BB3, m, t3, lens, lo3, smask)
     return e0, e1, e2, e3
-
-
-@njit(inline="always", cache=True)
-def symbols4(words, b0, b1, b2, b3, h0, h1, h2, h3, t, sy):
-    """Phase 1 for four mode-0 Ecco blocks side by side -> sy[i * SYM_STRIDE ...]
-    (`symbols4_at` with the fixed block size). Returns the four end positions
-    (> block_bits: corrupt)."""
-    W = t.block_bits >> 6
-    BB = t.block_bits
-    hb = header_bits(t)
-    return symbols4_at(words, b0 * W * 8, b1 * W * 8, b2 * W * 8, b3 * W * 8, hb, hb, hb, hb,
-                       BB, BB, BB, BB, np.uint64(h0 << MULTI_BITS),
-                       np.uint64(h1 << MULTI_BITS), np.uint64(h2 << MULTI_BITS),
-                       np.uint64(h3 << MULTI_BITS), h0 * 16, h1 * 16, h2 * 16, h3 * 16,
-                       t.mtab, t.lens, np.uint8(15), G, sy)
 
 
 # ----------------------------------------------------------------------------- phase 2
