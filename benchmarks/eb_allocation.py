@@ -50,17 +50,17 @@ def layers_for(config: Any, kind: str, target: float) -> dict[int, LayerSpec]:
     return out
 
 
-VARIANTS = {  # cache name -> builder(config, residual)
-    "eb3 uniform": lambda c, r: EccoCache(c, target_bits=3.0, residual_length=r),
-    "eb3 K3.5/V2.5": lambda c, r: EccoCache(c, key_codec=eb(3.5), value_codec=eb(2.5),
+VARIANTS = {  # cache name (no "+" or "@": the eval parses those) -> builder(config, residual)
+    "eb3-uniform": lambda c, r: EccoCache(c, target_bits=3.0, residual_length=r),
+    "eb3-K3.5-V2.5": lambda c, r: EccoCache(c, key_codec=eb(3.5), value_codec=eb(2.5),
                                             residual_length=r),
-    "eb3 K2.5/V3.5": lambda c, r: EccoCache(c, key_codec=eb(2.5), value_codec=eb(3.5),
+    "eb3-K2.5-V3.5": lambda c, r: EccoCache(c, key_codec=eb(2.5), value_codec=eb(3.5),
                                             residual_length=r),
-    "eb3 attention-aware keys": lambda c, r: EccoCache(c, layers=layers_for(c, "keys", 3.0),
+    "eb3-attention-keys": lambda c, r: EccoCache(c, layers=layers_for(c, "keys", 3.0),
                                                        residual_length=r),
-    "eb3 per-layer allocation": lambda c, r: EccoCache(c, layers=layers_for(c, "alloc", 3.0),
+    "eb3-layer-allocation": lambda c, r: EccoCache(c, layers=layers_for(c, "alloc", 3.0),
                                                        residual_length=r),
-    "eb3 allocation + keys": lambda c, r: EccoCache(c, layers=layers_for(c, "alloc+keys", 3.0),
+    "eb3-layer-allocation-keys": lambda c, r: EccoCache(c, layers=layers_for(c, "alloc+keys", 3.0),
                                                     residual_length=r),
 }
 
