@@ -50,7 +50,8 @@ def test_header_line_prints_the_digest():
 
 def _row(shape: str, context: int, ecco: float, int4: float, kivi4: float, torch_ms: float,
          quanto: float) -> dict:
-    ms = {"fused_ecco4": ecco, "fused_int4": int4, "fused_kivi4": kivi4, "fused_kivi2": kivi4,
+    ms = {"fused_ecco4": ecco, "fused_eb3": 1.3 * ecco, "fused_int4": int4,
+          "fused_kivi4": kivi4, "fused_kivi2": kivi4,
           "decode_sdpa_ecco4": 3 * ecco, "quanto_int4": quanto, "quanto_int4_step": quanto,
           "quanto_int4_flush": 2 * quanto, "sdpa_fp32": 2 * torch_ms, "sdpa_bf16": torch_ms,
           "eager_bf16": 3 * torch_ms}
@@ -62,6 +63,7 @@ def _row(shape: str, context: int, ecco: float, int4: float, kivi4: float, torch
             "fused_kivi4_over_fastest_torch": kivi4 / torch_ms,
             "fused_ecco4_over_quanto_int4": ecco / quanto,
             "fused_kivi4_over_quanto_int4": kivi4 / quanto,
+            "fused_eb3_over_fused_ecco4": 1.3,
             "decode_sdpa_over_fused_ecco4": 3.0,
             "fused_ecco4_vs_decode_sdpa_max_rel_diff": 1e-6,
             "quanto_int4_vs_sdpa_fp32_max_rel_diff": 0.1,
