@@ -3,6 +3,7 @@ provenance; no timing is asserted."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eccokv import provenance
@@ -225,3 +226,11 @@ def test_generate_arguments():
         assert "unknown kind" in str(e)
     else:
         raise AssertionError("unknown kind accepted")
+
+
+def test_attention_plot_draws_every_path(tmp_path):
+    """Every timed path (PATH_ORDER, fused eb3 included) has a line style in the plot."""
+    pytest.importorskip("matplotlib")
+    rows = [_row("smollm2", t, 1.2, 0.6, 0.9, 1.0, 2.0) for t in (4096, 32768)]
+    ba.plot({"rows": rows}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0

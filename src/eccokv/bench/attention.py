@@ -454,7 +454,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(threads), len(shapes), figsize=(6 * len(shapes),
                                                                   4.2 * len(threads)),
                              squeeze=False)
-    styles = {"fused_ecco4": ("C0", "-", "o"), "fused_int4": ("C1", "-", "s"),
+    styles = {"fused_ecco4": ("C0", "-", "o"), "fused_eb3": ("C8", "-", "h"),
+              "fused_int4": ("C1", "-", "s"),
               "fused_kivi4": ("C2", "-", "^"), "fused_kivi2": ("C4", "-", "v"),
               "decode_sdpa_ecco4": ("C3", "--", "x"), "quanto_int4": ("C6", "--", "*"),
               "sdpa_fp32": ("k", ":", "D"),
