@@ -139,9 +139,95 @@ def _kill_cycles(model, valkey_factory, tmp, cycles, seeds, rng):
 
 
 def test_redis_killed_mid_writes_then_restarted(model, valkey_factory, tmp_path):
+    # Where a random kill lands depends on timing; the landing itself is made certain by
+    # test_redis_killed_with_half_a_pipeline_applied, and counted by the 50-cycle test.
     seen = _kill_cycles(model, valkey_factory, tmp_path, 4, [21, 22], random.Random(1))
     assert seen["partial"] + seen["empty"] + seen["complete"] == 4
-    assert seen["orphan_parts"] + seen["cut_chains"] > 0  # some kill did land mid-write
+
+
+class _CutProxy:
+    """A TCP proxy to `port` that forwards the first `cut` bytes a client sends and holds
+    the rest (replies flow back in full): the server applies a put_many pipeline's leading
+    commands only, as when a crash lands in the middle of a write."""
+
+    def __init__(self, port: int, cut: int) -> None:
+        import socket
+
+        self.port, self.cut, self.sent = port, cut, 0
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(4)
+        self.url_port = self.lsock.getsockname()[1]
+        self.socks: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.port))
+            self.socks += [c, s]
+            threading.Thread(target=self._pipe, args=(c, s, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, False), daemon=True).start()
+
+    def _pipe(self, src, dst, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upstream:
+                    data = data[:max(0, self.cut - self.sent)]
+                    self.sent += len(data)
+                if data:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in [self.lsock, *self.socks]:
+            s.close()
+
+
+def test_redis_killed_with_half_a_pipeline_applied(model, valkey_factory, tmp_path):
+    """Deterministic mid-write: the server has applied half of a put_many pipeline (parts
+    of the chain, not every manifest) when it is SIGKILLed. After the restart the cut-off
+    entries are misses, no part is read as data, verify() is clean, the output is the
+    uncompressed run's, and a full write afterwards makes every entry a hit."""
+    import redis
+
+    srv = valkey_factory(appendonly=True)
+    items = _entries(model, 40, tmp_path)
+    total = sum(len(d) for _, d in items)
+    assert max(len(d) for _, d in items) > 2 * 16384  # split into parts at part_bytes=16K
+    proxy = _CutProxy(srv.port, cut=total // 2)
+    try:
+        url = f"redis://127.0.0.1:{proxy.url_port}/0?timeout=1&retry=0&part_bytes=16K&prefix=h:"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert S.open(url).put_many(items) == 0  # no reply for the held half: timeout
+        r = redis.Redis(port=srv.port)
+        assert r.keys("h:*"), "the first half of the pipeline reached the server"
+        r.ping()
+    finally:
+        proxy.close()
+    srv.kill()
+    srv.start()
+    r = redis.Redis(port=srv.port)
+    names = set(r.keys("h:*"))
+    orphans = [x for x in names if x.count(b":") >= 3 and x.rsplit(b":", 2)[0] not in names]
+    base = f"{srv.url}?timeout=1&retry=0&part_bytes=16K&prefix=h:"
+    store = S.open(base)
+    visible = _check_store(store)
+    assert visible < len(items) and (orphans or visible), (visible, len(orphans))
+    got = [store.get(k) for k, _ in items]
+    assert all(g is None or g == d for g, (_, d) in zip(got, items, strict=True))
+    assert sum(g is not None for g in got) == visible  # what is visible is whole
+    assert _same(_run(model, 40, store), _ref(model, 40)) and store.stats()["corrupt"] == 0
+    assert _check_store(S.open(base)) == len(items)  # that run wrote what was cut off
+    again = S.open(base)
+    assert _same(_run(model, 40, again), _ref(model, 40)) and again.stats()["hits"] == 3
 
 
 @pytest.mark.slow
@@ -149,7 +235,9 @@ def test_redis_kill_restart_50_cycles(model, valkey_factory, tmp_path):
     seen = _kill_cycles(model, valkey_factory, tmp_path, 50, [31, 32, 33], random.Random(7))
     print(f"50 kill/restart cycles: {seen}")
     assert seen["partial"] + seen["empty"] + seen["complete"] == 50
-    assert seen["orphan_parts"] + seen["cut_chains"] >= 10
+    # how many kills land mid-write depends on the machine's load (74 of 50 cycles here;
+    # test_redis_killed_with_half_a_pipeline_applied makes one certain)
+    assert seen["orphan_parts"] + seen["cut_chains"] > 0
 
 
 # ------------------------------------------------------------------ store unreachable
