@@ -195,6 +195,8 @@ class Codec(ABC):
     # values per group along the encode axis (1: no grouping, e.g. per-tensor fp8). A cache
     # grouping over tokens compresses whole groups only, so this is its token granularity.
     group_size: int = 1
+    # whether encode() takes `importance=` (per-position error weights along the axis)
+    supports_importance: ClassVar[bool] = False
 
     def encode(self, x: torch.Tensor, axis: int = -1) -> Compressed:
         """Compress `x` (any shape; float32/float16/bfloat16) in groups along `axis`."""

@@ -21,12 +21,22 @@ import numpy as np
 import torch
 
 from eccokv.codecs import register
-from eccokv.codecs.base import Codec, CodecError, Compressed, Layout, make_compressed, to_rows
+from eccokv.codecs.base import (
+    Codec,
+    CodecError,
+    Compressed,
+    Layout,
+    check_input,
+    make_compressed,
+    normalize_axis,
+    to_rows,
+)
 from eccokv.codecs.ecco_profile import (
     MAX_CODE_LEN,
+    SHIPPED_PROFILES,
     Profile,
     VariantTables,
-    default_profile,
+    is_shipped,
     lookup_tables,
     register_tables,
     resolve_profile,
@@ -199,8 +209,8 @@ class EccoCodec(Codec):
     # -- config -------------------------------------------------------------------------
     @property
     def _embed_profile(self) -> bool:
-        dflt = default_profile().variants.get(self.variant)
-        return dflt is None or dflt.hash != self.profile_hash
+        """Tables travel with the data unless they are a shipped profile's."""
+        return not is_shipped(self.profile_hash)
 
     def get_config(self) -> dict[str, Any]:
         src = self.profile_source
@@ -230,7 +240,7 @@ class EccoCodec(Codec):
         ref = cfg.get("profile", "default")
         if h is not None and not isinstance(h, str):
             raise ValueError(f"Ecco profile_hash must be a string, got {h!r}")
-        if ref is None or ref == "default":
+        if ref is None or ref in SHIPPED_PROFILES:  # package resources, never a user path
             return cls(**cfg)
         if not isinstance(ref, str):
             raise ValueError(f"Ecco config 'profile' must be 'default', null or a label "
@@ -323,7 +333,32 @@ class EccoCodec(Codec):
         return tab
 
     # -- encode -------------------------------------------------------------------------
-    def _encode(self, x: torch.Tensor, shape: tuple[int, ...], axis: int) -> Compressed:
+    supports_importance = True
+
+    def encode(self, x: torch.Tensor, axis: int = -1,
+               importance: torch.Tensor | np.ndarray | None = None) -> Compressed:
+        """Compress `x` in groups of 128 along `axis`. `importance` (optional, shape
+        (x.shape[axis],), finite, >= 0) weights the error of each position along the axis
+        in every choice the encoder makes (pattern, trimming, patches): E[x_j^2] of the
+        input channels for activation-aware weights. The format is unchanged."""
+        x = check_input(x)
+        ax = normalize_axis(axis, x.dim())
+        n = x.shape[ax] if x.dim() else 1
+        wts = None
+        if importance is not None:
+            w = np.asarray(importance.detach().cpu().numpy() if isinstance(
+                importance, torch.Tensor) else importance, dtype=np.float64)
+            if w.shape != (n,):
+                raise ValueError(f"importance has shape {w.shape}, expected ({n},): one "
+                                 f"weight per position along axis {ax}")
+            if not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError("importance must be finite and >= 0")
+            m = float(w.mean()) if n else 0.0
+            wts = w / m if m > 0 else None  # all zero: nothing to weight by
+        return self._encode(x.contiguous(), tuple(x.shape), ax, wts)
+
+    def _encode(self, x: torch.Tensor, shape: tuple[int, ...], axis: int,
+                wts: np.ndarray | None = None) -> Compressed:
         from eccokv.kernels.ecco_numba import encode_blocks
 
         lay = Layout(shape, axis, GROUP_SIZE)
@@ -333,6 +368,9 @@ class EccoCodec(Codec):
         if lay.nblocks:
             groups = to_rows(x, lay)
             nvalid_last = lay.length - (lay.ngroups - 1) * GROUP_SIZE
+            pos_w = np.ones(lay.ngroups * GROUP_SIZE, np.float64)
+            if wts is not None:
+                pos_w[:lay.length] = wts
             t = self.t
             encode_blocks(
                 groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.kstart, t.lengths, t.codes,
@@ -340,7 +378,7 @@ class EccoCodec(Codec):
                 np.float64(self.scale_steps), self.scale_bits, self.low_bits, self.ctab,
                 self.htab, t.pattern_bits, t.codebook_bits, self.fallback_bits, POS_BITS,
                 self.block_bits,
-                self.candidates, self.patch_order == "error", self.trim_passes, words,
+                self.candidates, self.patch_order == "error", self.trim_passes, pos_w, words,
                 fallback,
             )
             with self._lock:

@@ -237,12 +237,51 @@ def default_profile() -> Profile:
     return prof
 
 
+# Profiles shipped inside the package, by name: "default" (learned from K/V) and
+# "weights" (learned from model weights; the default of `eccokv.weights`).
+SHIPPED_PROFILES = {"default": DEFAULT_PROFILE_FILE, "weights": "weights.ecprof"}
+_SHIPPED: dict[str, Profile] = {}
+
+
+def shipped_profile(name: str) -> Profile:
+    """A profile shipped inside the package ("default" or "weights"); its tables are
+    registered, and data encoded with them does not embed them."""
+    if name == "default":
+        return default_profile()
+    if name not in SHIPPED_PROFILES:
+        raise ValueError(f"unknown shipped profile {name!r}; shipped: {sorted(SHIPPED_PROFILES)}")
+    with _LOCK:
+        if name in _SHIPPED:
+            return _SHIPPED[name]
+    fname = SHIPPED_PROFILES[name]
+    ref = resources.files("eccokv.profiles").joinpath(fname)
+    with resources.as_file(ref) as path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the shipped Ecco profile {fname} is missing from the "
+                                    "installed package; reinstall eccokv")
+        prof = Profile.load(path)
+    prof.source = name
+    for t in prof.variants.values():
+        register_tables(t)
+    with _LOCK:
+        _SHIPPED[name] = prof
+    return prof
+
+
+def is_shipped(h: str) -> bool:
+    """Whether variant tables with hash h belong to a shipped profile (not embedded)."""
+    return any(t.hash == h for n in SHIPPED_PROFILES for t in shipped_profile(n).variants.values())
+
+
 def resolve_profile(ref: str | os.PathLike[str] | Profile | None) -> Profile:
-    """Profile from a Profile object, "default" (or None) or a profile file path."""
+    """Profile from a Profile object, "default" (or None), a shipped profile's name
+    ("weights") or a profile file path."""
     if isinstance(ref, Profile):
         prof = ref
     elif ref is None or ref == "default":
         return default_profile()
+    elif isinstance(ref, str) and ref in SHIPPED_PROFILES:
+        return shipped_profile(ref)
     elif isinstance(ref, (str, os.PathLike)):
         try:
             prof = Profile.load(ref)

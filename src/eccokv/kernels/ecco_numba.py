@@ -59,9 +59,9 @@ def _sum_top(err2, n, k, top):
 
 
 @njit(inline="always", cache=True)
-def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
-    """Cheapest error increase per saved bit moving vj from level k to a neighbour with a
-    shorter code (inf if none); the neighbour goes to tgt[0]."""
+def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt, w):
+    """Cheapest (weight w) error increase per saved bit moving vj from level k to a
+    neighbour with a shorter code (inf if none); the neighbour goes to tgt[0]."""
     best = np.inf
     lk = lengths[h, k]
     for kk in (k - 1, k + 1):
@@ -71,7 +71,7 @@ def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
         if dl <= 0:
             continue
         e = vj - levels[p, kk]
-        r = (e * e - e2) / dl
+        r = (w * e * e - e2) / dl
         if r < best:
             best = r
             tgt[0] = kk
@@ -83,9 +83,14 @@ def _move_ratio(vj, k, e2, levels, lengths, p, h, NL, tgt):
 def encode_blocks(
     groups, nvalid_last, ngroups, levels, mids, kstart, lengths, codes, errtab, nbuckets,
     scale_table, tscale, scale_steps, sb, lb, ctab, htab, pb, cb, fb, ps, block_bits, ncand,
-    patch_by_error, trim_passes, words, fallback,
+    patch_by_error, trim_passes, wts, words, fallback,
 ):
     """Encode float32 groups (nb, g) into `words` (nb * W + 1 uint64, zeroed).
+
+    wts (ngroups * g,) float64: the importance of each position along the codec axis
+    (value j of block b sits at position (b % ngroups) * g + j). Every error the encoder
+    compares (candidate proxy, pattern choice, trimming, patches) is weighted by it: all
+    ones for KV; E[x_j^2] of the input channel for activation-aware weights.
 
     nvalid_last: valid values in the last group of each row (1..g); ngroups: groups per
     row. levels (S, NL) sorted with levels[:, NL-1] == 1; mids (S, NL-1) midpoints;
@@ -113,7 +118,7 @@ def encode_blocks(
     for ch in prange(nchunks):
         # per-thread scratch, allocated once per chunk of blocks
         v = np.empty(g, np.float64)
-        hist = np.zeros(nbuckets, np.int32)
+        hist = np.zeros(nbuckets, np.float32)
         approx = np.zeros(S, np.float32)
         sym = np.empty(g, np.int64)
         best_sym = np.empty(g, np.int64)
@@ -126,6 +131,7 @@ def encode_blocks(
         order = np.zeros(max(1, min(ncand, S)), np.int64)
         for b in range(ch * per, min(nb, (ch + 1) * per)):
             x = groups[b]
+            wb = wts[(b % ngroups) * g:(b % ngroups) * g + g]
             nv = g
             if (b % ngroups) == ngroups - 1:
                 nv = nvalid_last
@@ -181,16 +187,15 @@ def encode_blocks(
             for j in range(nv):
                 bk = int((v[j] + 1.0) * 0.5 * nbuckets)
                 bk = max(0, min(nbuckets - 1, bk))
-                hist[bk] += 1
+                hist[bk] += np.float32(wb[j])
                 bucket[j] = bk
             approx[:] = 0.0
             for bk in range(nbuckets):
                 h = hist[bk]
                 if h:
                     row = errtab[bk]
-                    hf = np.float32(h)
                     for p in range(S):
-                        approx[p] += hf * row[p]
+                        approx[p] += h * row[p]
             # the ncand best patterns by the proxy (partial selection, no sort)
             nc = min(ncand, S)
             for ci in range(nc):
@@ -220,8 +225,8 @@ def encode_blocks(
                         while k < NL - 1 and vj > mp[k]:
                             k += 1
                         e = vj - lp[k]
-                        err2[j] = e * e
-                        tot += e * e
+                        err2[j] = wb[j] * e * e
+                        tot += err2[j]
                         sym[j] = k
                         cnt[k] += 1
                     else:
@@ -249,7 +254,7 @@ def encode_blocks(
                             break
                         for j in range(nv):
                             ratio[j] = _move_ratio(v[j], sym[j], err2[j], levels, lengths, p,
-                                                   hbest, NL, target[j:j + 1])
+                                                   hbest, NL, target[j:j + 1], wb[j])
                         rk = np.argsort(ratio[:nv])
                         for i in range(nv):
                             bj = rk[i]
@@ -262,8 +267,8 @@ def encode_blocks(
                             cnt[bk] += 1
                             sym[bj] = bk
                             e = v[bj] - levels[p, bk]
-                            tot += e * e - err2[bj]
-                            err2[bj] = e * e
+                            tot += wb[bj] * e * e - err2[bj]
+                            err2[bj] = wb[bj] * e * e
                     if excess > 0:
                         continue
                     lbest = block_bits - hdr + excess
@@ -295,7 +300,7 @@ def encode_blocks(
                 for j in range(g):
                     if j < nv:
                         e = v[j] - levels[best_p, best_sym[j]]
-                        err2[j] = e * e if patch_by_error else (
+                        err2[j] = wb[j] * e * e if patch_by_error else (
                             v[j] * v[j] if best_sym[j] != NL - 1 else -0.5)
                     else:
                         err2[j] = -1.0
@@ -322,7 +327,7 @@ def encode_blocks(
                                 be = e * e
                                 bq = qq
                         q = bq
-                        err2[j] = be
+                        err2[j] = wb[j] * be
                     else:
                         err2[j] = -1.0
                     _put(words, base, pos, q, fb)

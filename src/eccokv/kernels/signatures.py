@@ -34,7 +34,7 @@ TABLES = types.NamedTuple((i64,) * 8 + (ro(f32), ro(u8), ro(u32), ro(f64), ro(f3
 ENCODE_BLOCKS = [types.void(
     ro(f32, 2), i64, i64, ro(f64, 2), ro(f64, 2), ro(i64, 2), ro(i64, 2), ro(i64, 2),
     ro(f32, 2), i64, ro(f32), f64, f64, i64, i64, ro(f32), ro(f32), i64, i64, i64, i64, i64,
-    i64, types.boolean, i64, arr(u64), arr(u8))]
+    i64, types.boolean, i64, ro(f64), arr(u64), arr(u8))]
 
 # out: float32 values, or the bits of bfloat16 / float16 values (uint16)
 DECODE_BLOCKS = [types.void(ro(u64), i64, TABLES, f64, i64, i64, i64, arr(out), i64, arr(u8))
@@ -53,3 +53,6 @@ V_PHASE = [types.void(
     i64, TABLES, i64, i64, ro(i64, 2), ro(f64), ro(i64), ro(i64), ro(f32), i64, i64, i64, i64,
     i64, i64, ro(f32), ro(f32), i64, i64, i64, i64, i64, arr(f32), arr(u8), *_ITEMS,
     arr(f32))]
+
+# fused decode-GEMV: words, nblocks, tables, tscale, n_in, n_out, unit, X (T, n_in), Y
+GEMV = [i64(ro(u64), i64, TABLES, f64, i64, i64, i64, ro(f32, 2), arr(f32, 2))]
