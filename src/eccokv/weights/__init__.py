@@ -14,11 +14,13 @@ from eccokv.weights.compress import (
     memory_report,
     weight_codec,
 )
+from eccokv.weights.hf import EccoQuantConfig
 from eccokv.weights.linear import EccoLinear
 
 __all__ = [
     "DEFAULT_SKIP",
     "EccoLinear",
+    "EccoQuantConfig",
     "activation_moments",
     "compress_model",
     "linear_layers",
