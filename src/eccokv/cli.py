@@ -117,6 +117,20 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_weights(args: argparse.Namespace) -> int:
+    from eccokv.bench import weights as bw
+
+    res = bw.run(shapes=_csv(args.shapes) if args.shapes else tuple(bw.SHAPES),
+                 tokens=[int(t) for t in _csv(args.tokens)], codec=args.codec,
+                 repeats=args.repeats, out_dir=args.out_dir or None,
+                 progress=not args.json, command=_command_line())
+    if args.json:
+        _print_json(res)
+    else:
+        print(bw.to_markdown(res))
+    return 0
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
     from eccokv import warmup
 
@@ -132,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     res = run_demo(model_name=args.model, codec_names=args.codecs.split(","),
                    min_tokens=args.min_tokens, verbose=not args.json, qa_codec=args.qa_codec,
-                   max_new_tokens=args.new_tokens)
+                   max_new_tokens=args.new_tokens, weights_codec=args.weights or None)
     if args.json:
         _print_json(res)
     return 0
@@ -408,10 +422,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_generate)
 
+    s = b.add_parser("weights", help="compressed Linear kernels (fused decode-GEMV, tiled "
+                     "decode + matmul) vs fp32/bf16 torch per token count "
+                     "(-> weights-kernel.{json,md})")
+    s.add_argument("--shapes", default="", help="shape names (default: all)")
+    s.add_argument("--tokens", default="1,2,4,8,16,32,64")
+    s.add_argument("--codec", default="ecco4")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--out-dir", default="benchmarks", help="'' to write nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_weights)
+
     s = sub.add_parser("demo", help="answer a question about a long article with a "
                        "compressed KV cache, next to the plain cache; per-codec table")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--qa-codec", default="ecco4", help="codec/preset of the EccoCache run")
+    s.add_argument("--weights", default="ecco4",
+                   help="codec of the compressed-weights run ('' to skip it)")
     s.add_argument("--new-tokens", type=int, default=48)
     s.add_argument("--codecs", default="fp8,int4,kivi4,int2,ecco4,ecco3,ecco2")
     s.add_argument("--min-tokens", type=int, default=3000)
@@ -420,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("warmup", help="compile (or load from the cache) every numba kernel "
                        "signature the public paths use; `make setup` runs it")
-    s.add_argument("--parts", default="codecs,attention,generate")
+    s.add_argument("--parts", default="codecs,attention,generate,weights")
     s.add_argument("--if-needed", action="store_true",
                    help="skip if a full warm-up already ran for the current kernel sources")
     s.add_argument("--json", action="store_true")

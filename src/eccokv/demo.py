@@ -1,10 +1,12 @@
 """`make demo` / `eccokv demo`: a real model answers a question about a long article
-with a compressed KV cache, next to the plain cache.
+with a compressed KV cache and compressed weights, next to the plain model.
 
-1. SmolLM2 reads a Wikipedia article (>= 3K tokens) and answers a question about it twice:
-   with transformers' plain DynamicCache and with EccoCache(ecco4). Printed: both answers,
-   how many answer tokens agree, the KV bytes each cache holds (and the fp16 equivalent),
-   and the time each run took, all measured in this run.
+1. SmolLM2 reads a Wikipedia article (>= 3K tokens) and answers a question about it three
+   times: the plain model with transformers' DynamicCache, the plain model with
+   EccoCache(ecco4), and the model with ecco4-compressed Linear weights
+   (`eccokv.weights`, activation-aware) and EccoCache(ecco4). Printed: the answers, how
+   many answer tokens agree with the plain run, the model and KV bytes of each, and the
+   time each run took, all measured in this run.
 2. The same article's K/V of every layer compressed by each codec: bits/value (all bytes
    counted), size against fp16, relative error of K and V, encode/decode speed.
 
@@ -86,9 +88,37 @@ def _say_warm(w: dict[str, Any], say: Any) -> None:
 
 
 
+def compress_weights(model: Any, tok: Any, weights_codec: str, say: Any = print) -> Any:
+    """A copy of `model` with its Linear layers compressed by `weights_codec`,
+    activation-aware on two news windows (text the question's article is not part of)."""
+    import copy
+
+    from eccokv import data
+    from eccokv.weights import compress_model
+
+    t0 = time.perf_counter()
+    calib = list(data.token_windows(tok, "news", window=256, n=2))
+    cm = compress_model(copy.deepcopy(model), weights_codec, calibration=calib)
+    say(f"Compressed the Linear weights with {weights_codec} (activation-aware, 2 x 256 "
+        f"calibration tokens of news text) in {time.perf_counter() - t0:.1f} s")
+    return cm
+
+
+def model_bytes(model: Any) -> int:
+    """Every byte of the model's parameters and buffers (compressed weights included)."""
+    seen, n = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
 def answer_question(model: Any, tok: Any, title: str, text: str, codec: str = "ecco4",
-                    max_new_tokens: int = 48, say: Any = print) -> dict[str, Any]:
-    """Answer QUESTIONS[title] about `text` with DynamicCache and with EccoCache(codec)."""
+                    max_new_tokens: int = 48, say: Any = print,
+                    cmodel: Any = None, weights_codec: str | None = None) -> dict[str, Any]:
+    """Answer QUESTIONS[title] about `text` with DynamicCache, with EccoCache(codec), and
+    (if `cmodel`, the model with compressed weights, is given) with both compressed."""
     from transformers import DynamicCache
 
     from eccokv.hf.cache import EccoCache, kv_bytes
@@ -99,56 +129,60 @@ def answer_question(model: Any, tok: Any, title: str, text: str, codec: str = "e
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     n = int(ids.shape[1])
     say(f"Question ({n} prompt tokens): {question}")
+    dt0 = str(next(iter(model.parameters())).dtype).replace("torch.", "")
+    plan = [("plain", f"plain ({dt0})", model, None),
+            (codec, f"KV {codec}", model, codec)]
+    if cmodel is not None:
+        plan.append(("weights+kv", f"weights {weights_codec} + KV {codec}", cmodel, codec))
     runs = {}
-    for name in ("plain", codec):
-        cache = (DynamicCache(config=model.config) if name == "plain"
-                 else EccoCache(model.config, codec))
+    for name, label, m, kvc in plan:
+        cache = DynamicCache(config=m.config) if kvc is None else EccoCache(m.config, kvc)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, past_key_values=cache,
-                                 pad_token_id=tok.eos_token_id)
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, past_key_values=cache,
+                             pad_token_id=tok.eos_token_id)
         dt = time.perf_counter() - t0
         gen = out[0, n:]
         kb = kv_bytes(cache)
-        held, fp16 = kb["kv_bytes"], kb["fp16_bytes"]
-        if name != "plain":
+        if kvc is not None:
             rep = cache.memory_report()
-        runs[name] = {"answer": tok.decode(gen, skip_special_tokens=True).strip(),
-                      "tokens": gen.tolist(), "seconds": dt, "kv_bytes": held,
-                      "fp16_bytes": fp16, "new_tokens": int(gen.numel())}
-    a, b = runs["plain"]["tokens"], runs[codec]["tokens"]
-    same = sum(x == y for x, y in zip(a, b, strict=False))
-    agree = same / max(len(a), 1)
+        runs[name] = {"label": label, "answer": tok.decode(gen, skip_special_tokens=True).strip(),
+                      "tokens": gen.tolist(), "seconds": dt, "kv_bytes": kb["kv_bytes"],
+                      "fp16_bytes": kb["fp16_bytes"], "new_tokens": int(gen.numel()),
+                      "model_bytes": model_bytes(m)}
+    a = runs["plain"]["tokens"]
+    for r in runs.values():
+        r["same_tokens"] = sum(x == y for x, y in zip(a, r["tokens"], strict=False))
+    for r in runs.values():
+        say(f"\n[{r['label']}] {r['answer']}")
+    p = runs["plain"]
     mib = 2.0 ** 20
-    for name, r in runs.items():
-        label = "plain DynamicCache" if name == "plain" else f"EccoCache({codec})"
-        say(f"\n[{label}] {r['answer']}")
-    p, e = runs["plain"], runs[codec]
     say("")
-    say(f"{'cache':22s} {'KV MiB':>8s} {'vs plain':>9s} {'vs fp16':>8s} {'time s':>7s} "
-        f"{'tok/s':>6s}")
-    for name, r in runs.items():
-        label = f"plain ({next(iter(model.parameters())).dtype})".replace("torch.", "") \
-            if name == "plain" else f"EccoCache({codec})"
-        say(f"{label:22s} {r['kv_bytes'] / mib:8.2f} {r['kv_bytes'] / p['kv_bytes']:9.3f} "
-            f"{r['kv_bytes'] / r['fp16_bytes']:8.3f} {r['seconds']:7.2f} "
-            f"{r['new_tokens'] / r['seconds']:6.1f}")
-    say(f"fp16 equivalent of the same tokens: {p['fp16_bytes'] / mib:.2f} MiB. Answer tokens "
-        f"identical to the plain run: {same}/{len(a)} ({100 * agree:.0f}%).")
+    say(f"{'run':30s} {'model MiB':>9s} {'KV MiB':>8s} {'KV/plain':>8s} {'time s':>7s} "
+        f"{'tok/s':>6s} {'same tokens':>11s}")
+    for r in runs.values():
+        say(f"{r['label']:30s} {r['model_bytes'] / mib:9.1f} {r['kv_bytes'] / mib:8.2f} "
+            f"{r['kv_bytes'] / p['kv_bytes']:8.3f} {r['seconds']:7.2f} "
+            f"{r['new_tokens'] / r['seconds']:6.1f} {r['same_tokens']:>5d}/{len(a)}")
+    say(f"fp16 equivalent of the KV: {p['fp16_bytes'] / mib:.2f} MiB; model MiB counts every "
+        "parameter and buffer (the tied embedding / LM head stays uncompressed).")
     k0 = rep["layers"][0]["key"]
     say(f"EccoCache kept {k0['sink_tokens']} first and {k0['exact_tokens']} most recent tokens "
         f"exact (model dtype) and compressed {k0['compressed_tokens']}; attention reads the "
-        "compressed tokens straight from their blocks (fused kernels). Time and tok/s cover "
-        "the whole generate() call, prefill included.")
-    return {"question": question, "prompt_tokens": n, "runs": runs, "agreement": agree,
+        "compressed tokens straight from their blocks, and compressed Linear layers decode "
+        "their blocks inside the matmul (fused decode-GEMV per generated token). Time and "
+        "tok/s cover the whole generate() call, prefill included.")
+    e = runs[codec]
+    return {"question": question, "prompt_tokens": n, "runs": runs,
+            "agreement": e["same_tokens"] / max(len(a), 1),
             "kv_ratio_vs_plain": e["kv_bytes"] / p["kv_bytes"],
             "kv_ratio_vs_fp16": e["kv_bytes"] / e["fp16_bytes"]}
 
 
 def run_demo(model_name: str = "smollm2", codec_names: Sequence[str] = ("ecco4",),
              min_tokens: int = 3000, verbose: bool = True, qa_codec: str = "ecco4",
-             max_new_tokens: int = 48) -> dict[str, Any]:
+             max_new_tokens: int = 48, weights_codec: str | None = "ecco4") -> dict[str, Any]:
     from eccokv import data, models
     from eccokv.hf.capture import capture_kv
 
@@ -162,8 +196,10 @@ def run_demo(model_name: str = "smollm2", codec_names: Sequence[str] = ("ecco4",
     warm = warm_paths(model, ids, qa_codec, codec_names)
     _say_warm(warm, say)
     say("")
-    say("== 1. Question answering with a compressed KV cache ==")
-    qa = answer_question(model, tok, title, text, qa_codec, max_new_tokens, say)
+    say("== 1. Question answering with a compressed KV cache (and compressed weights) ==")
+    cmodel = compress_weights(model, tok, weights_codec, say) if weights_codec else None
+    qa = answer_question(model, tok, title, text, qa_codec, max_new_tokens, say, cmodel,
+                         weights_codec)
     say("")
     say("== 2. The article's KV cache compressed by each codec ==")
     t1 = time.perf_counter()

@@ -13,7 +13,9 @@ tiny inputs, so it keeps working whatever the kernels look like inside:
   plain multi-head, with and without an exact tail (in each dtype), chunks read back from
   bytes;
 - generate() of a tiny transformers model with EccoCache (fused and decoding paths, a few
-  codecs, float32 and bfloat16, batch 1 and a padded batch 2), if transformers is present.
+  codecs, float32 and bfloat16, batch 1 and a padded batch 2), if transformers is present;
+- EccoLinear (compressed weights): activation-aware encoding, the fused decode-GEMV and
+  the tiled decode + matmul, float32 and bfloat16 inputs.
 
 `compile_counts()` reads numba's dispatcher statistics, so a caller can check that a run
 compiled nothing (`cache_misses`), whatever the kernels are called.
@@ -244,7 +246,33 @@ def warm_generate(skipped: list[str] | None = None) -> int:
     return n
 
 
-ALL_PARTS = ("codecs", "attention", "generate")
+def warm_weights(skipped: list[str] | None = None) -> int:
+    """EccoLinear forward (fused decode-GEMV and tiled decode + matmul) in float32 and
+    bfloat16, and activation-aware encoding; returns the calls made."""
+    from torch import nn
+
+    from eccokv.weights import EccoLinear
+
+    skipped = [] if skipped is None else skipped
+    gen = torch.Generator().manual_seed(3)
+    n = 0
+    for name in ("ecco4", "ecco3", "ecco2"):
+        for dt in (torch.float32, torch.bfloat16):
+            lin = nn.Linear(200, 40).to(dt)
+            imp = torch.rand(200, generator=gen)
+            m = _skip(lambda lin=lin, imp=imp, name=name: EccoLinear.from_linear(
+                lin, name, importance=imp), skipped, f"weights {name} {dt}")
+            n += 1
+            if m is None:
+                continue
+            for tokens in (1, 3, 40):
+                x = torch.randn(tokens, 200, generator=gen).to(dt)
+                _skip(lambda m=m, x=x: m(x), skipped, f"weights {name} {dt} x{tokens}")
+                n += 1
+    return n
+
+
+ALL_PARTS = ("codecs", "attention", "generate", "weights")
 MARKER = "warmup.json"  # in the keyed cache folder once a full warm-up has finished
 
 
@@ -268,7 +296,8 @@ def run(parts: tuple[str, ...] = ALL_PARTS, say: Callable[[str], Any] = print,
     if if_needed and done():
         say(f"warm-up: already done for these kernel sources ({runtime.info()['cache_dir']})")
         return {"skipped_run": True, "runtime": runtime.info()}
-    steps = {"codecs": warm_codecs, "attention": warm_attention, "generate": warm_generate}
+    steps = {"codecs": warm_codecs, "attention": warm_attention, "generate": warm_generate,
+             "weights": warm_weights}
     unknown = set(parts) - set(steps)
     if unknown:
         raise ValueError(f"unknown warm-up parts {sorted(unknown)}; choose from {list(steps)}")
