@@ -56,6 +56,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    import eccokv.weights as W
+    from eccokv import data, models
+
+    t0 = time.perf_counter()
+    model, tok = models.load(args.model)
+    calib = None
+    if args.calibration > 0:
+        calib = list(data.token_windows(tok, args.calibration_corpus, window=args.tokens,
+                                        n=args.calibration))
+    W.compress_model(model, args.codec, calibration=calib,
+                     skip=_csv(args.skip) if args.skip is not None else None)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    rep = W.memory_report(model)
+    rep.pop("per_layer")
+    rep.update(out=str(args.out), codec=args.codec, seconds=time.perf_counter() - t0,
+               calibration_tokens=0 if calib is None else sum(c.numel() for c in calib))
+    if args.json:
+        _print_json(rep)
+    else:
+        print(f"wrote {args.out}: {rep['layers']} Linear layers with {args.codec}, "
+              f"{rep['bits_per_weight']:.3f} bits/weight, {rep['linear_bytes'] / 2**20:.1f} MiB "
+              f"(fp16 {rep['linear_fp16_bytes'] / 2**20:.1f} MiB, ratio "
+              f"{rep['linear_ratio_vs_fp16']:.3f}); activation-aware layers "
+              f"{rep['activation_aware_layers']} ({rep['calibration_tokens']} calibration "
+              f"tokens); load it with AutoModelForCausalLM.from_pretrained(DIR) after "
+              "`import eccokv.weights`")
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from eccokv.bench import codec as bc
 
@@ -376,6 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     __import__("eccokv.allocation", fromlist=["x"]).add_cli(s)
     s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("compress", help="compress a model's Linear weights and write a "
+                       "checkpoint that from_pretrained loads (with eccokv.weights imported)")
+    s.add_argument("--model", default="smollm2", help="'smollm2' or a local HF model folder")
+    s.add_argument("--codec", default="ecco4", help="weight codec (ecco4, ecco3, int4, ...)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--calibration", type=int, default=4,
+                   help="windows of calibration text for activation-aware encoding (0: none)")
+    s.add_argument("--calibration-corpus", default="news")
+    s.add_argument("--tokens", type=int, default=256, help="tokens per calibration window")
+    s.add_argument("--skip", default=None,
+                   help="fnmatch patterns of Linear layers to keep (default: the LM head)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_compress)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     s = b.add_parser("codec", help="bits/value, error and speed of every codec")
