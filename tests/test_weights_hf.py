@@ -105,6 +105,15 @@ def test_round_trip_bit_identical(tmp_path, family, codec):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model, _ = tiny("llama")
+    _compress(model, "ecco4")
+    model.save_pretrained(tmp_path / "c", max_shard_size="40KB")
+    assert len(list((tmp_path / "c").glob("model-*.safetensors"))) > 1
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert torch.equal(_logits(back, _ids()), _logits(model, _ids()))
+
+
 def test_bias_survives_round_trip(tmp_path):
     model, path = _saved(tmp_path, "qwen2", "int4")
     back = T.AutoModelForCausalLM.from_pretrained(path)
