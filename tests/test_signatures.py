@@ -11,11 +11,12 @@ import torch
 import eccokv.codecs as C
 from eccokv.kernels import attention_numba as kn
 from eccokv.kernels import ecco_numba as en
+from eccokv.kernels import gemv_numba as gn
 from eccokv.kernels.attention import fused_attention
 
 ENTRY = {"encode_blocks": (en.encode_blocks, 1), "decode_blocks": (en.decode_blocks, 2),
          "symbols_pass": (en.symbols_pass, 1), "k_phase": (kn.k_phase, 1),
-         "v_phase": (kn.v_phase, 1)}
+         "v_phase": (kn.v_phase, 1), "gemv_blocks": (gn.gemv_blocks, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY))

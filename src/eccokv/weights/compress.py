@@ -120,6 +120,10 @@ def compress_model(model: nn.Module, codec: str | dict[str, Any] | codecs.Codec 
         del lin
     model.eccokv_weights = {"codec": cod.get_config(), "skip": list(
         DEFAULT_SKIP if skip is None else skip), "activation_aware": bool(moments)}
+    if hasattr(model, "config") and hasattr(model, "save_pretrained"):  # a transformers model
+        from eccokv.weights.hf import attach_quant_config
+
+        attach_quant_config(model)  # save_pretrained then writes an eccokv checkpoint
     return model
 
 
