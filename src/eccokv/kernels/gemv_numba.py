@@ -67,26 +67,27 @@ def gemv_blocks(words, nblocks, t, tsc, n_in, n_out, unit, X, Y):
         lv = np.empty(4 * G, np.float32)
         AB = np.empty(8, np.float32)
         nb = 0
-        for u in range(ru * per, min(nunits, ru * per + per)):
-            for tt in range(T):
-                for m in range(u * unit, min(n_out, u * unit + unit)):
-                    Y[tt, m] = _F0
-            b = u * bpu
-            b1 = min(nblocks, b + bpu)
-            while b < b1:
-                if b + 4 <= b1:
-                    n = decode4(words, b, b + 1, b + 2, b + 3, t, tsc, sy, lv, 0, AB, 0)
-                    if n < 0:
-                        n = decode4_slow(words, b, b + 1, b + 2, b + 3, t, tsc, sy, lv, 0,
-                                         AB, 0)
-                    nb += n
-                    for q in range(4):
-                        _accumulate(lv, q * G, AB[2 * q], AB[2 * q + 1], (b + q) * G, n_in,
-                                    n_out, X, Y, T)
-                    b += 4
-                else:
-                    nb += decode1(words, b, t, tsc, sy, lv, 0, AB, 0)
-                    _accumulate(lv, 0, AB[0], AB[1], b * G, n_in, n_out, X, Y, T)
-                    b += 1
+        u0 = ru * per
+        u1 = min(nunits, u0 + per)
+        for tt in range(T):
+            for m in range(u0 * unit, min(n_out, u1 * unit)):
+                Y[tt, m] = _F0
+        # the run's units are one contiguous block range: quads run across unit bounds
+        b = u0 * bpu
+        b1 = min(nblocks, u1 * bpu)
+        while b < b1:
+            if b + 4 <= b1:
+                n = decode4(words, b, b + 1, b + 2, b + 3, t, tsc, sy, lv, 0, AB, 0)
+                if n < 0:
+                    n = decode4_slow(words, b, b + 1, b + 2, b + 3, t, tsc, sy, lv, 0, AB, 0)
+                nb += n
+                for q in range(4):
+                    _accumulate(lv, q * G, AB[2 * q], AB[2 * q + 1], (b + q) * G, n_in, n_out,
+                                X, Y, T)
+                b += 4
+            else:
+                nb += decode1(words, b, t, tsc, sy, lv, 0, AB, 0)
+                _accumulate(lv, 0, AB[0], AB[1], b * G, n_in, n_out, X, Y, T)
+                b += 1
         bad[ru] = nb
     return bad.sum()
