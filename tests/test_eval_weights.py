@@ -265,3 +265,23 @@ def test_report_writers(tmp_path):
     loaded = json.loads((tmp_path / "weights.json").read_text())
     assert loaded["environment"]["source_digest"] and len(paths) == 2
     assert (tmp_path / "weights.png").stat().st_size > 0
+
+
+def test_ppl_with_weights_writes_its_own_files(tmp_path, monkeypatch):
+    from eccokv import data, models
+
+    wins = torch.randint(3, V, (2, 264), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_llama(), object()))
+    monkeypatch.setattr(data, "token_windows", lambda *a, **k: wins)
+    res = W.ppl_with_weights("int4", out_dir=tmp_path, codecs=["ecco4"], context=260,
+                             score=4, windows=2, residuals=[0], n_boot=20,
+                             show_progress=False)
+    assert res["weights"]["bits_per_weight"] == pytest.approx(4.25)
+    assert res["command"] == "eccokv eval ppl --weights int4"
+    names = [r["name"] for r in res["settings"][0]["rows"]]
+    assert names == ["none", "ecco4"]
+    saved = json.loads((tmp_path / "quality-weights-int4.json").read_text())
+    assert saved["weights"]["config"] == "int4"
+    assert "Weights compressed first: **int4**" in (tmp_path / "quality-weights-int4.md"
+                                                     ).read_text()
+    assert not (tmp_path / "quality.json").exists()

@@ -48,6 +48,7 @@ Three measurements:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import re
@@ -154,14 +155,14 @@ def _float_weights(model: nn.Module, skip: Sequence[str]) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def apply_config(model: nn.Module, name: str, calibration: Sequence[torch.Tensor] | None = None,
-                 skip: Sequence[str] = SKIP) -> dict[str, Any]:
+                 skip: Sequence[str] = SKIP, measure_error: bool = True) -> dict[str, Any]:
     """Compress `model`'s Linear layers (except `skip`) in place as weight configuration
     `name` says; returns its accounting (`weight_accounting`), the weight error against
-    the float weights and the seconds it took. `calibration`: token-id tensors for
-    "+cal" configurations (required there)."""
+    the float weights (`measure_error`) and the seconds it took. `calibration`: token-id
+    tensors for "+cal" configurations (required there)."""
     base, cal = parse_config(name)
     cfg = WEIGHT_CONFIGS[base]
-    ref = _float_weights(model, skip)
+    ref = _float_weights(model, skip) if measure_error else {}
     t0 = time.perf_counter()
     if cfg["method"] == "eccokv":
         from eccokv.weights import compress_model
@@ -184,7 +185,8 @@ def apply_config(model: nn.Module, name: str, calibration: Sequence[torch.Tensor
         freeze(model)
     seconds = time.perf_counter() - t0
     acc = weight_accounting(model)
-    acc["weight_error"] = weight_error(model, ref) if acc["layers"] else None
+    acc["weight_error"] = weight_error(model, ref) if acc["layers"] and ref else None
+    del ref
     acc.update(config=name, method=cfg["method"], label=cfg["label"] + (
         " activation-aware" if cal else ""), activation_aware=cal,
         codec=_codec_config(cfg), compress_seconds=seconds)
@@ -471,6 +473,35 @@ def _rss() -> dict[str, int | None]:
     return memory._rss_status()
 
 
+def _materialise(model: nn.Module) -> None:
+    """Copy every parameter and buffer into memory of its own (tied tensors stay tied), so
+    nothing stays a view of the checkpoint file's mapping: the RSS then counts the whole
+    model, and the float weights a compression replaces are really freed."""
+    memo: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for t in store.values():
+                if t is None:
+                    continue
+                key = t.data_ptr()
+                if key not in memo:
+                    memo[key] = t.data.clone()
+                t.data = memo[key]
+
+
+def _malloc_trim() -> bool:
+    """Return the allocator's free heap to the OS (glibc), so the RSS that follows is what
+    the model holds, not freed memory glibc keeps cached. False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 @torch.no_grad()
 def speed_worker(config: str, model_name: str = "smollm2", prefill_tokens: int = 512,
                  prompt_tokens: int = 16, new_tokens: int = 32, repeats: int = 3,
@@ -481,13 +512,24 @@ def speed_worker(config: str, model_name: str = "smollm2", prefill_tokens: int =
     (`WEIGHT_CONFIGS`, on the float32 model). Prefill: one forward of `prefill_tokens`
     wiki tokens through a fresh DynamicCache; decode: greedy generation of `new_tokens`
     tokens after a `prompt_tokens`-token prompt (DynamicCache, batch 1), tokens/s over
-    the `new_tokens - 1` decode forwards; medians of `repeats` runs after one warm-up."""
+    the `new_tokens - 1` decode forwards; medians of `repeats` runs after one warm-up.
+
+    Every parameter and buffer is copied out of the checkpoint's file mapping right after
+    loading (`_materialise`). RSS from /proc/self/status: `load_peak_rss_bytes` = VmHWM
+    after loading and compressing (the float model and the encoder's temporaries
+    included); then gc and glibc `malloc_trim(0)`, `VmRSS_after_trim` (what the model
+    holds), VmHWM reset, and
+    `run_peak_rss_bytes` = VmHWM at the end (prefill + decode only). `ru_maxrss_bytes` is
+    kept for reference only: on Linux it carries the RSS of the parent process at spawn
+    time (exec keeps the old mm's high-water mark in signal->maxrss), so in a subprocess
+    of a big process it is not this process's peak."""
     from eccokv import data, models
     from eccokv.eval import memory
 
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = models.load(model_name)
+    _materialise(model)
     acc: dict[str, Any]
     if config == "fp32":
         acc = {"config": "fp32", **weight_accounting(model)}
@@ -495,12 +537,12 @@ def speed_worker(config: str, model_name: str = "smollm2", prefill_tokens: int =
         model.to(torch.bfloat16)
         acc = {"config": "bf16", **weight_accounting(model)}
     else:
-        acc = apply_config(model, config)
-    import gc
-
+        cal = calibration_ids(tokenizer) if parse_config(config)[1] else None
+        acc = apply_config(model, config, cal, measure_error=False)
     gc.collect()
-    after = {"maxrss_after_load_bytes": memory._maxrss_bytes(), **{
-        f"{k}_after_load": v for k, v in _rss().items()}}
+    after = {f"{k}_after_load": v for k, v in _rss().items()}
+    trimmed = _malloc_trim()
+    after.update({f"{k}_after_trim": v for k, v in _rss().items()}, malloc_trim=trimmed)
     reset = memory._reset_hwm()
     wins = data.token_windows(tokenizer, "wiki", window=prefill_tokens, n=1, seed=0)
     ids = wins[:, :prefill_tokens]
@@ -525,13 +567,18 @@ def speed_worker(config: str, model_name: str = "smollm2", prefill_tokens: int =
     dec = [decode() for _ in range(repeats)]
     dt = statistics.median(d[0] for d in dec)
     st = _rss()
+    load_peak = after["VmHWM_after_load"]
+    run_peak = st["VmHWM"] if reset else None
     return {"config": config, "accounting": acc, "prefill_tokens": int(ids.shape[1]),
             "prompt_tokens": int(prompt.shape[1]), "new_tokens": len(dec[0][1]),
             "prefill_s": statistics.median(pre), "prefill_s_all": pre,
             "decode_s": dt, "decode_s_all": [d[0] for d in dec],
             "decode_tokens_per_s": (len(dec[0][1]) - 1) / dt if dt > 0 else None,
-            "generated_ids": dec[0][1], "peak_rss_bytes": memory._maxrss_bytes(),
-            "run_peak_rss_bytes": st["VmHWM"] if reset else None,
+            "generated_ids": dec[0][1],
+            "peak_rss_bytes": max((x for x in (load_peak, run_peak) if x is not None),
+                                  default=None),
+            "load_peak_rss_bytes": load_peak, "run_peak_rss_bytes": run_peak,
+            "ru_maxrss_bytes": memory._maxrss_bytes(),
             "rss_end_bytes": st["VmRSS"], **after, "torch_threads": torch.get_num_threads(),
             "total_s": time.perf_counter() - t0}
 
@@ -696,17 +743,25 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [f"## Memory and speed (SmolLM2, each in a fresh process; prefill "
                   f"{s['prefill_tokens']} tokens, greedy decode of {s['new_tokens']} tokens, "
                   f"batch 1, DynamicCache, medians of {s['repeats']})", "",
-                  "Peak RSS: the whole process (model load and compression included); run "
-                  "peak: the RSS high-water mark reset after loading/compressing (prefill + "
-                  "decode only). bf16 is the model cast with `model.to(torch.bfloat16)`.", ""]
+                  "The parameters are copied out of the checkpoint's file mapping right after "
+                  "loading (otherwise its touched pages stay resident and a replaced float "
+                  "weight is never freed). "
+                  "RSS from /proc/self/status. Load peak: VmHWM after loading the float "
+                  "model and compressing it (encoder temporaries included: there is no "
+                  "loader of compressed checkpoints yet); RSS after trim: after gc and glibc "
+                  "malloc_trim(0) (what the model holds); run peak: VmHWM reset after that, "
+                  "prefill + decode only. bf16 is the model cast with "
+                  "`model.to(torch.bfloat16)`. Model MiB: every byte of its parameters and "
+                  "buffers (tied tensors once).", ""]
         lines += E.md_table(
             ["config", "bits/weight", "model MiB", "vs fp32", "RSS after load MiB",
-             "peak RSS MiB", "run peak MiB", "prefill s", "decode tok/s", "vs fp32",
-             "same tokens as fp32"],
+             "RSS after trim MiB", "load peak MiB", "run peak MiB", "prefill s",
+             "decode tok/s", "vs fp32", "same tokens as fp32"],
             [[r["config"], E.fmt(r["accounting"].get("bits_per_weight"), ".3f"),
               _mib(r["accounting"]["model_bytes"]), E.fmt(r.get("model_bytes_vs_fp32"), ".3f"),
-              _mib(r.get("VmRSS_after_load")), _mib(r["peak_rss_bytes"]),
-              _mib(r["run_peak_rss_bytes"]), f"{r['prefill_s']:.3f}",
+              _mib(r.get("VmRSS_after_load")), _mib(r.get("VmRSS_after_trim")),
+              _mib(r.get("load_peak_rss_bytes")), _mib(r["run_peak_rss_bytes"]),
+              f"{r['prefill_s']:.3f}",
               E.fmt(r["decode_tokens_per_s"], ".2f"), E.fmt(r.get("decode_speed_vs_fp32"),
                                                             ".3f"),
               r.get("same_tokens_as_fp32", "-")] for r in s["rows"]])
@@ -854,6 +909,10 @@ def run_ppl_cli(args: Any) -> int:
     from eccokv import cli
     from eccokv.eval import ppl
 
+    if getattr(args, "sweep", False) or getattr(args, "families", None) is not None:
+        print("eccokv eval ppl: --weights does not combine with --sweep/--families",
+              file=sys.stderr)
+        return 2
     try:
         parse_config(args.weights)
     except ValueError as e:
