@@ -316,7 +316,9 @@ def ppl_rows(load_model: Callable[[], nn.Module], names: Sequence[str], windows:
     for name in E.progress(names, total=len(names), desc="eval weights ppl",
                            enabled=show_progress):
         model = load_model()
+        digest = source_digest()
         acc = apply_config(model, name, calibration)
+        acc["source_digest"] = digest  # the code (profiles included) this row ran with
         t0 = time.perf_counter()
         res = ppl.evaluate(model, windows, [kv_codec], context, residuals=(residual,),
                            show_progress=False)
@@ -668,9 +670,20 @@ def run_weights(model_name: str = "smollm2", codecs: Sequence[str] = DEFAULT_COD
                                speed_configs, model_name, prefill_tokens, new_tokens, repeats,
                                show_progress)}
     result["seconds"] = time.perf_counter() - t0
+    end = source_digest()
+    result["source_digest_end"] = end
+    result["source_changed_during_run"] = end != env["source_digest"] or any(
+        r["accounting"].get("source_digest") not in (None, end) for r in result["ppl"]["rows"])
     if out_dir is not None:
         write(result, out_dir)
     return result
+
+
+def source_digest() -> str:
+    """eccokv's combined source digest now (`provenance.source_digest`: code and profiles)."""
+    from eccokv.provenance import source_digest as digest
+
+    return digest()
 
 
 def write(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
@@ -697,8 +710,14 @@ def to_markdown(result: dict[str, Any]) -> str:
 
     d = result["data"]
     lines = ["# Compressed weights: quality, size, speed (`eccokv eval weights`)", "",
-             *E.provenance_lines(result), header_line(result["environment"]), "",
-             "## Protocol", "", result["protocol"]["text"].strip(), ""]
+             *E.provenance_lines(result), header_line(result["environment"])]
+    if "source_changed_during_run" in result:
+        lines.append(
+            f"Source digest at the end: `{result['source_digest_end']}`"
+            + (" (**the sources changed during the run**: each perplexity row records the "
+               "digest it ran with)" if result["source_changed_during_run"] else
+               " (unchanged during the run)") + "  ")
+    lines += ["", "## Protocol", "", result["protocol"]["text"].strip(), ""]
     lines += [f"## SmolLM2 perplexity ({d['windows']} windows of {d['context']}+{d['score']} "
               f"tokens, KV residual {result['protocol']['residual']})", "",
               "Change vs the float model with the lossless cache; bootstrap: paired over "
