@@ -39,6 +39,7 @@ import torch
 
 from eccokv import codecs, data, models
 from eccokv.codecs.ecco import EccoCodec
+from eccokv.codecs.ecco_profile import Profile
 from eccokv.provenance import environment, header_line
 from eccokv.weights.compress import activation_moments, linear_layers
 from eccokv.weights.profile import (
@@ -168,8 +169,11 @@ def embed(model: Any, tok: Any, sents: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
 
 
-def build_candidates(smol: Any, mini: Any, smol_tok: Any, variants: tuple[str, ...]
-                     ) -> dict[str, Any]:
+def build_candidates(smol: Any, mini: Any, smol_tok: Any, variants: tuple[str, ...],
+                     cache: Path | None = None) -> dict[str, Any]:
+    """The candidate profiles (module docstring); `cache`: a folder to keep them in."""
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
     gs, gm = weight_groups(smol), weight_groups(mini)
     spec = {"syn": ([synthetic_weight_groups(60_000, seed=1)], 0.0),
             "smol+syn": ([gs], 0.25), "minilm+syn": ([gm], 0.25),
@@ -177,13 +181,23 @@ def build_candidates(smol: Any, mini: Any, smol_tok: Any, variants: tuple[str, .
     profs: dict[str, Any] = {"kv-default": "default"}
     for name, (srcs, syn) in spec.items():
         t0 = time.perf_counter()
+        if cache is not None and (cache / f"{name}.ecprof").is_file():
+            profs[name] = Profile.load(cache / f"{name}.ecprof")
+            continue
         profs[name] = learn_weights_profile(srcs, variants=variants, synthetic=syn)
+        if cache is not None:
+            profs[name].save(cache / f"{name}.ecprof")
         say(f"profile {name}: {time.perf_counter() - t0:.0f} s, {profs[name].info['groups']} "
             "groups")
     for name, aw in (("smol-own", False), ("smol-own-aw", True)):
         t0 = time.perf_counter()
+        if cache is not None and (cache / f"{name}.ecprof").is_file():
+            profs[name] = Profile.load(cache / f"{name}.ecprof")
+            continue
         profs[name], _ = calibrate_weights(smol, None, calibration=_smol_calib(smol_tok),
                                            activation_weighted=aw, variants=variants)
+        if cache is not None:
+            profs[name].save(cache / f"{name}.ecprof")
         say(f"profile {name}: {time.perf_counter() - t0:.0f} s")
     return profs
 
@@ -235,7 +249,7 @@ def evaluate_model(key: str, model: Any, tok: Any, profs: dict[str, Any],
         new, bits = compress_weights(model, codec, names, moments if aware else None)
         r = {"model": key, "codec": codec_name, "profile": prof, "aware": aware,
              **layer_errors(orig, new, acts), "bits_per_weight": bits / nw}
-        if hasattr(codec, "stats"):
+        if "fallback_rate" in getattr(codec, "stats", dict)():
             r["fallback_rate"] = codec.stats()["fallback_rate"]
         set_weights(model, new)
         if key == "smollm2":
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ship", action="store_true", help="also write the shipped profile")
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--cache", default=None, help="folder to keep the candidate profiles in")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -313,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         res["shipped"] = ship(smol, mini)
         say(f"shipped {res['shipped']}")
     if not a.no_eval:
-        profs = build_candidates(smol, mini, smol_tok, EVAL_VARIANTS)
+        profs = build_candidates(smol, mini, smol_tok, EVAL_VARIANTS,
+                                 Path(a.cache) if a.cache else None)
         res["profiles"] = {k: (v if isinstance(v, str) else
                                {"hash": v.hash, "tables": {n: t.hash
                                                            for n, t in v.variants.items()}})

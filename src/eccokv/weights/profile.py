@@ -158,7 +158,7 @@ def calibration_windows(tokenizer: Any, calibration_text: str | None = None,
                         ) -> list[torch.Tensor]:
     """Token-id windows (1, tokens) for activation moments: of `calibration_text` if given
     (as many whole windows as it holds, at most `windows`, else the whole text as one),
-    else of the eccokv corpus `corpus`."""
+    else `windows` windows of each eccokv corpus in `corpus` ("wiki", "news", "wiki+news")."""
     if calibration_text is not None:
         ids = torch.tensor(tokenizer(calibration_text, add_special_tokens=False)["input_ids"],
                            dtype=torch.long)
@@ -170,7 +170,8 @@ def calibration_windows(tokenizer: Any, calibration_text: str | None = None,
         return [ids[i * tokens:(i + 1) * tokens][None] for i in range(n)]
     from eccokv import data
 
-    return list(data.token_windows(tokenizer, corpus, window=tokens, n=windows)[:, None])
+    return [w[None] for c in corpus.split("+")
+            for w in data.token_windows(tokenizer, c, window=tokens, n=windows)]
 
 
 def calibrate_weights(model_name_or_path: str | nn.Module, out_path: str | Path | None,
@@ -189,7 +190,7 @@ def calibrate_weights(model_name_or_path: str | nn.Module, out_path: str | Path 
     model_name_or_path: a name `eccokv.models.load` knows, a local HF folder, or an
     nn.Module (then give `calibration` token ids, or None to sample groups uniformly).
     With `activation_weighted`, the groups are resampled by the activation moments of the
-    calibration windows (`calibration_text`, else `windows` x `tokens` of `corpus`), so
+    calibration windows (`calibration_text`, else `windows` x `tokens` per corpus), so
     the tables fit best the weights whose errors the outputs feel most; the codec then
     still uses `importance=` when compressing (compress_model's `calibration`)."""
     t0 = time.perf_counter()
@@ -215,7 +216,8 @@ def calibrate_weights(model_name_or_path: str | nn.Module, out_path: str | Path 
             print(f"k-means + codebooks: {v}", flush=True)
 
     src = ("calibration_text" if calibration_text is not None else
-           f"{windows} x {tokens} tokens of {corpus}") if tok is not None else "given ids"
+           f"{windows} x {tokens} tokens per corpus of {corpus}") if tok is not None \
+        else "given ids"
     info = {"model": name, "command": command or "",
             "activation_weighted": imp is not None,
             "calibration": src if imp is not None else None,
