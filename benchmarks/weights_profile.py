@@ -23,7 +23,7 @@ Candidate profiles (each = build_profile on a 60000-group mix, seed 0):
                sampling (model-specific, SmolLM2 only)
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (eccokv before torch)
 
 import argparse
 import json
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import eccokv  # noqa: F401  (runtime settings before torch)
 import torch
 
 from eccokv import codecs, data, models
@@ -308,6 +310,39 @@ def ship(smol: Any, mini: Any) -> dict[str, Any]:
     return {"path": "src/eccokv/profiles/weights.ecprof", "hash": prof.hash,
             "command": SHIP_COMMAND,
             "tables": {v: t.hash for v, t in prof.variants.items()}}
+
+
+_LOG_ROW = re.compile(r"^\[[0-9:]+\] (\S+) (int4 g128|ecco\d) (\S+) aware=(True|False): (.*)$")
+
+
+def rows_from_log(log: str, model: str) -> list[dict[str, Any]]:
+    """The rows of `model` a (stopped) run printed: `say` lines of `evaluate_model`."""
+    rows = []
+    for line in log.splitlines():
+        m = _LOG_ROW.match(line.strip())
+        if m and m.group(1) == model:
+            r: dict[str, Any] = {"model": model, "codec": m.group(2), "profile": m.group(3),
+                                 "aware": m.group(4) == "True"}
+            for kv in m.group(5).split(", "):
+                k, v = kv.split("=")
+                r[k] = float(v)
+            rows.append(r)
+    return rows
+
+
+def merge_log(log_path: str, model: str, ref: float, metric: str) -> None:
+    """Add `model`'s rows from a run's log to weights_profile.json / .md (for a run stopped
+    before it finished that model; its reference `metric` computed separately)."""
+    res = json.loads((OUT / "weights_profile.json").read_text())
+    rows = [r for r in res["rows"] if r["model"] != model]
+    got = rows_from_log(Path(log_path).read_text(), model)
+    rows += [{"model": model, "codec": "reference", "profile": "-", "aware": False,
+              metric: ref, "bits_per_weight": None}] + got
+    res["rows"] = rows
+    res.setdefault("partial", {})[model] = (f"{len(got)} rows from the log of a run stopped "
+                                            "for time (merge_log)")
+    (OUT / "weights_profile.json").write_text(json.dumps(res, indent=1) + "\n")
+    (OUT / "weights_profile.md").write_text(to_markdown(res))
 
 
 def main(argv: list[str] | None = None) -> int:

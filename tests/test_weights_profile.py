@@ -92,8 +92,9 @@ def test_calibrate_weights_tiny_model(tmp_path):
     model, _ = tiny("llama")
     calib = [_ids(1, 32, seed=1), _ids(1, 32, seed=2)]
     path = tmp_path / "tiny.ecprof"
-    prof, rep = calibrate_weights(model, path, calibration=calib, variants=("ecco4",),
-                                  synthetic=0.25, shapes=SHAPES, command="pytest")
+    prof, rep = calibrate_weights(model, path, calibration=calib, activation_weighted=True,
+                                  variants=("ecco4",), synthetic=0.25, shapes=SHAPES,
+                                  command="pytest")
     assert path.is_file() and rep["hash"] == prof.hash and rep["activation_weighted"]
     loaded = Profile.load(path)
     assert loaded.hash == prof.hash and loaded.info["command"] == "pytest"
