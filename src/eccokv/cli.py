@@ -38,6 +38,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from eccokv.allocation import run_cli
 
         return run_cli(args)
+    if getattr(args, "weights", False):
+        from pathlib import Path
+
+        from eccokv.weights.profile import calibrate_weights
+
+        text = (Path(args.calibration_text).read_text(encoding="utf-8")
+                if args.calibration_text else None)
+        prof, report = calibrate_weights(
+            args.model, args.out, calibration_text=text, corpus=args.corpus,
+            tokens=args.tokens, windows=args.windows,
+            activation_weighted=args.activation_weighting,
+            variants=args.variants.split(","), seed=args.seed, synthetic=args.synthetic,
+            command=_command_line(), progress=not args.json,
+        )
+        if args.json:
+            _print_json(report)
+        else:
+            print(f"wrote {args.out} (weights profile {prof.hash}) from {report['groups']} "
+                  f"groups in {report['seconds']:.1f} s")
+        return 0
     from eccokv.calibration import calibrate_model
 
     prof, report = calibrate_model(
@@ -404,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--synthetic", type=float, default=0.0,
                    help="fraction of synthetic groups mixed in (generic profiles)")
+    s.add_argument("--weights", action="store_true",
+                   help="learn a weights profile (eccokv.weights) from the model's Linear "
+                        "weights instead of K/V")
+    s.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="--weights: text for the activation moments (default: --corpus)")
+    s.add_argument("--activation-weighting", action="store_true",
+                   help="--weights: draw the k-means groups by activation importance E[x^2]")
     s.add_argument("--json", action="store_true")
     __import__("eccokv.allocation", fromlist=["x"]).add_cli(s)
     s.set_defaults(fn=cmd_calibrate)
