@@ -33,8 +33,9 @@ from eccokv import codecs
 from eccokv.codecs.base import DTYPE_BY_NAME, SUPPORTED_DTYPES, CodecError, Compressed
 
 # Rows of x up to which the fused decode-GEMV runs (more: decode tiles + matmul). Measured
-# by `eccokv bench weights-kernel` (benchmarks/weights-kernel.md): see docs/weights.md.
-GEMV_MAX_TOKENS = 4
+# by `eccokv bench weights` (benchmarks/weights-kernel.md): the decode-GEMV wins up to
+# 8 rows everywhere, tiled decode + matmul from 16 (some shapes) or 32 (the others).
+GEMV_MAX_TOKENS = 12
 TILE_VALUES = 1 << 20  # values per decoded tile of the prefill path (4 MB of float32)
 
 _scratch = threading.local()
