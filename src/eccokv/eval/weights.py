@@ -81,7 +81,8 @@ WEIGHT_CONFIGS: dict[str, dict[str, Any]] = {
 CAL_SUFFIX = "+cal"
 DEFAULT_CODECS = ("ecco4", "ecco4+cal", "ecco3", "ecco3+cal", "int4", "int4-g32", "hqq4",
                   "quanto-int4")
-MINILM_CODECS = ("ecco4", "ecco3", "int4", "int4-g32", "hqq4", "quanto-int4")
+MINILM_CODECS = ("ecco4", "ecco4+cal", "ecco3", "ecco3+cal", "int4", "int4-g32", "hqq4",
+                 "quanto-int4")
 SPEED_CONFIGS = ("fp32", "bf16", "ecco4")
 KV_CODEC = "ecco4"
 RESIDUAL = 128
@@ -431,7 +432,9 @@ def minilm_rows(load_model: Callable[[], nn.Module], tokenizer: Any, sentences: 
                 names: Sequence[str] = MINILM_CODECS, k: int = 10,
                 show_progress: bool = True) -> dict[str, Any]:
     """Embeddings of `sentences` by a fresh model per weight configuration vs the float
-    model's (`embedding_agreement`). "+cal" configurations calibrate on the sentences."""
+    model's (`embedding_agreement`). "+cal" configurations calibrate on 16 x 128 tokens of
+    news text (the sentences come from Wikipedia; shorter windows if the model's position
+    limit is lower)."""
     ref_model = load_model()
     ref = embed(ref_model, tokenizer, sentences)
     ref_acc = weight_accounting(ref_model)
@@ -441,10 +444,14 @@ def minilm_rows(load_model: Callable[[], nn.Module], tokenizer: Any, sentences: 
     for name in E.progress(list(names), total=len(names), desc="eval weights minilm",
                            enabled=show_progress):
         model = load_model()
-        if parse_config(name)[1] and cal is None:
-            enc = tokenizer(list(sentences[:64]), padding=False, truncation=True,
-                            max_length=128)
-            cal = [torch.tensor([ids]) for ids in enc["input_ids"]]
+        if parse_config(name)[1] and cal is None:  # news text: disjoint from the sentences
+            from eccokv import data
+
+            enc = tokenizer(["\n\n".join(data.news_articles()[:40])], padding=False,
+                            truncation=False, max_length=None)
+            ids = torch.tensor(enc["input_ids"][0])
+            n = min(128, getattr(model.config, "max_position_embeddings", 128))
+            cal = [ids[i * n:(i + 1) * n][None] for i in range(min(16, ids.numel() // n))]
         acc = apply_config(model, name, cal, skip=())
         got = embed(model, tokenizer, sentences)
         rows.append({"weights": name, "label": acc["label"], "accounting": acc,
