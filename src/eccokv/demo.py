@@ -90,16 +90,16 @@ def _say_warm(w: dict[str, Any], say: Any) -> None:
 
 def compress_weights(model: Any, tok: Any, weights_codec: str, say: Any = print) -> Any:
     """A copy of `model` with its Linear layers compressed by `weights_codec`,
-    activation-aware on two news windows (text the question's article is not part of)."""
+    activation-aware on eight news windows (text the question's article is not part of)."""
     import copy
 
     from eccokv import data
     from eccokv.weights import compress_model
 
     t0 = time.perf_counter()
-    calib = list(data.token_windows(tok, "news", window=256, n=2))
+    calib = list(data.token_windows(tok, "news", window=512, n=8))
     cm = compress_model(copy.deepcopy(model), weights_codec, calibration=calib)
-    say(f"Compressed the Linear weights with {weights_codec} (activation-aware, 2 x 256 "
+    say(f"Compressed the Linear weights with {weights_codec} (activation-aware, 8 x 512 "
         f"calibration tokens of news text) in {time.perf_counter() - t0:.1f} s")
     return cm
 
