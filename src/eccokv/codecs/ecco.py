@@ -240,11 +240,11 @@ class EccoCodec(Codec):
         ref = cfg.get("profile", "default")
         if h is not None and not isinstance(h, str):
             raise ValueError(f"Ecco profile_hash must be a string, got {h!r}")
-        if ref is None or ref in SHIPPED_PROFILES:  # package resources, never a user path
-            return cls(**cfg)
-        if not isinstance(ref, str):
+        if not (ref is None or isinstance(ref, str)):
             raise ValueError(f"Ecco config 'profile' must be 'default', null or a label "
                              f"string, got {type(ref).__name__}")
+        if ref is None or ref in SHIPPED_PROFILES:  # package resources, never a user path
+            return cls(**cfg)
         if h is None:
             raise ValueError(
                 f"Ecco config names profile {ref!r} without a profile_hash: a config never "
