@@ -198,12 +198,30 @@ class Codec(ABC):
     # whether encode() takes `importance=` (per-position error weights along the axis)
     supports_importance: ClassVar[bool] = False
 
-    def encode(self, x: torch.Tensor, axis: int = -1) -> Compressed:
-        """Compress `x` (any shape; float32/float16/bfloat16) in groups along `axis`."""
+    def encode(self, x: torch.Tensor, axis: int = -1,
+               importance: torch.Tensor | np.ndarray | None = None) -> Compressed:
+        """Compress `x` (any shape; float32/float16/bfloat16) in groups along `axis`.
+
+        `importance` (codecs with `supports_importance` only; shape (x.shape[axis],),
+        finite, >= 0) weights the error of each position along the axis in the encoder's
+        choices; it is passed to `_encode` normalised to mean 1 (None if all zero)."""
         x = check_input(x)
         ax = normalize_axis(axis, x.dim())
         shape = tuple(x.shape)
-        return self._encode(x.contiguous(), shape, ax)
+        if importance is None:
+            return self._encode(x.contiguous(), shape, ax)
+        if not self.supports_importance:
+            raise TypeError(f"codec {self.codec_id!r} does not take importance weights")
+        n = shape[ax] if shape else 1
+        w = np.asarray(importance.detach().cpu().numpy() if isinstance(
+            importance, torch.Tensor) else importance, dtype=np.float64)
+        if w.shape != (n,):
+            raise ValueError(f"importance has shape {w.shape}, expected ({n},): one weight "
+                             f"per position along axis {ax}")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError("importance must be finite and >= 0")
+        m = float(w.mean()) if n else 0.0
+        return self._encode(x.contiguous(), shape, ax, importance=w / m if m > 0 else None)
 
     def decode(self, c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
         """Decompress `c` into a new tensor of its original dtype/shape, or into `out`."""

@@ -26,9 +26,7 @@ from eccokv.codecs.base import (
     CodecError,
     Compressed,
     Layout,
-    check_input,
     make_compressed,
-    normalize_axis,
     to_rows,
 )
 from eccokv.codecs.ecco_profile import (
@@ -335,30 +333,11 @@ class EccoCodec(Codec):
     # -- encode -------------------------------------------------------------------------
     supports_importance = True
 
-    def encode(self, x: torch.Tensor, axis: int = -1,
-               importance: torch.Tensor | np.ndarray | None = None) -> Compressed:
-        """Compress `x` in groups of 128 along `axis`. `importance` (optional, shape
-        (x.shape[axis],), finite, >= 0) weights the error of each position along the axis
-        in every choice the encoder makes (pattern, trimming, patches): E[x_j^2] of the
-        input channels for activation-aware weights. The format is unchanged."""
-        x = check_input(x)
-        ax = normalize_axis(axis, x.dim())
-        n = x.shape[ax] if x.dim() else 1
-        wts = None
-        if importance is not None:
-            w = np.asarray(importance.detach().cpu().numpy() if isinstance(
-                importance, torch.Tensor) else importance, dtype=np.float64)
-            if w.shape != (n,):
-                raise ValueError(f"importance has shape {w.shape}, expected ({n},): one "
-                                 f"weight per position along axis {ax}")
-            if not np.isfinite(w).all() or (w < 0).any():
-                raise ValueError("importance must be finite and >= 0")
-            m = float(w.mean()) if n else 0.0
-            wts = w / m if m > 0 else None  # all zero: nothing to weight by
-        return self._encode(x.contiguous(), tuple(x.shape), ax, wts)
-
     def _encode(self, x: torch.Tensor, shape: tuple[int, ...], axis: int,
-                wts: np.ndarray | None = None) -> Compressed:
+                importance: np.ndarray | None = None) -> Compressed:
+        """`importance` (the axis length, mean 1, from `Codec.encode`) weights the error of
+        every position in each choice the encoder makes (pattern, trimming, patches): E[x_j^2]
+        of the input channels for activation-aware weights. The format is unchanged."""
         from eccokv.kernels.ecco_numba import encode_blocks
 
         lay = Layout(shape, axis, GROUP_SIZE)
@@ -369,8 +348,8 @@ class EccoCodec(Codec):
             groups = to_rows(x, lay)
             nvalid_last = lay.length - (lay.ngroups - 1) * GROUP_SIZE
             pos_w = np.ones(lay.ngroups * GROUP_SIZE, np.float64)
-            if wts is not None:
-                pos_w[:lay.length] = wts
+            if importance is not None:
+                pos_w[:lay.length] = importance
             t = self.t
             encode_blocks(
                 groups, nvalid_last, lay.ngroups, t.levels64, t.mids, t.kstart, t.lengths, t.codes,

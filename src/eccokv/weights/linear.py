@@ -218,15 +218,15 @@ class EccoLinear(nn.Module):
     def _tiles(self):
         """(row0, row1, float32 tile (row1-row0, in)) over W, decoded into the reused buffer."""
         n_in, n_out = self.in_features, self.out_features
+        c = self.compressed()  # validated: every array size before any kernel runs
         if not self.fused:
-            w = self.codec.decode(self.compressed(), out=_buffer(n_in * n_out))
+            w = self.codec.decode(c, out=_buffer(n_in * n_out))
             yield 0, n_out, w.view(n_out, n_in)
             return
         from eccokv.kernels.ecco_numba import decode_blocks
 
-        arrs = self._arrays()
+        arrs = c.arrays
         words, tsc = arrs["blocks"], float(arrs["tscale"][0])
-        self.codec.validate(self.compressed())
         kt = self.codec.kernel_tables()
         unit = 128 // math.gcd(n_in, 128)
         rows = max(unit, (TILE_VALUES // n_in) // unit * unit)
