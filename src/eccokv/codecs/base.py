@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -325,3 +326,33 @@ def make_compressed(
     arrs = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     return Compressed(codec.get_config(), tuple(int(s) for s in shape), dtype, axis, arrs,
                       dict(meta or {}))
+
+
+# output dtype -> the `kind` code of the block decoders (float32 values, or the uint16 bits
+# of bfloat16 / float16)
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def decode_blocks_into(out: torch.Tensor, nblocks: int, run: Callable[..., Any],
+                       what: str) -> None:
+    """Run a block decoder `run(flat, kind, bad)` into `out` (any shape, float32 / bf16 /
+    fp16; a non-contiguous `out` gets a contiguous buffer that is copied in at the end).
+
+    `flat`: the output as a flat numpy array (float32, or uint16 bits for 16-bit types),
+    `bad` (nblocks,) uint8 that the decoder sets to 1 for each corrupt block. Any corrupt
+    block raises CodecError "<n> of <nblocks> <what> (first bad block <b>)", with `what`
+    naming the blocks and the fault; `out` is then left partly written (callers decode
+    into fresh buffers).
+    """
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+    kind = OUT_KIND[target.dtype]
+    flat = target.view(-1)
+    arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
+    bad = np.zeros(nblocks, dtype=np.uint8)
+    run(arr, kind, bad)
+    nbad = int(bad.sum())
+    if nbad:
+        first = int(np.flatnonzero(bad)[0])
+        raise CodecError(f"{nbad} of {nblocks} {what} (first bad block {first})")
+    if target is not out:
+        out.copy_(target)

@@ -26,6 +26,7 @@ from eccokv.codecs.base import (
     CodecError,
     Compressed,
     Layout,
+    decode_blocks_into,
     make_compressed,
     to_rows,
 )
@@ -52,7 +53,6 @@ GROUP_SIZE = 128
 POS_BITS = 7
 PATCH_BITS = POS_BITS + 8
 N_BUCKETS = 128
-_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _log2_int(n: int) -> int:
@@ -377,21 +377,13 @@ class EccoCodec(Codec):
         from eccokv.kernels.ecco_numba import decode_blocks
 
         lay = Layout(c.shape, c.axis, GROUP_SIZE)
-        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
-        kind = _DTYPE_KIND[target.dtype]
-        flat = target.view(-1)
-        arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
-        bad = np.zeros(lay.nblocks, dtype=np.uint8)
-        decode_blocks(c.arrays["blocks"], lay.nblocks, self.kernel_tables(),
-                      np.float64(c.arrays["tscale"][0]), lay.length, lay.ngroups, lay.suffix,
-                      arr, kind, bad)
-        nbad = int(bad.sum())
-        if nbad:
-            first = int(np.flatnonzero(bad)[0])
-            raise CodecError(f"{nbad} of {lay.nblocks} Ecco blocks are corrupt (code stream "
-                             f"overruns the block; first bad block {first})")
-        if target is not out:
-            out.copy_(target)
+        tables, tscale = self.kernel_tables(), np.float64(c.arrays["tscale"][0])
+        decode_blocks_into(
+            out, lay.nblocks,
+            lambda arr, kind, bad: decode_blocks(c.arrays["blocks"], lay.nblocks, tables,
+                                                 tscale, lay.length, lay.ngroups, lay.suffix,
+                                                 arr, kind, bad),
+            "Ecco blocks are corrupt: a code stream overruns its block")
 
     # -- reference ----------------------------------------------------------------------
     def decode_reference(self, c: Compressed) -> torch.Tensor:

@@ -38,6 +38,7 @@ from eccokv.codecs.base import (
     Compressed,
     Layout,
     check_input,
+    decode_blocks_into,
     make_compressed,
     normalize_axis,
     to_rows,
@@ -58,7 +59,6 @@ from eccokv.kernels.ecco_core import MULTI_BITS
 
 KB_BITS = 8  # step code width when a tensor's blocks need more than one step
 KMAX = (1 << KB_BITS) - 1
-_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # half a unit in the last place, relative to the magnitude, of the output dtype
 _HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 _F32_SLACK = 2.0 ** -22  # float32 arithmetic of the decoder (three roundings), relative
@@ -422,21 +422,13 @@ class EccoEbCodec(Codec):
         from eccokv.kernels.eb_numba import decode_blocks
 
         lay = Layout(c.shape, c.axis, G)
-        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
-        kind = _DTYPE_KIND[target.dtype]
-        flat = target.view(-1)
-        arr = flat.numpy() if kind == 0 else flat.view(torch.uint16).numpy()
-        bad = np.zeros(lay.nblocks, dtype=np.uint8)
         sbase, l8, mtab = _kernel_tables()
         KB, ZB = (int(v) for v in c.arrays["fields"])
-        decode_blocks(c.arrays["data"], c.arrays["index"], lay.nblocks, KB, ZB,
-                      np.float64(c.arrays["params"][0]), sbase, mtab, l8, lay.length,
-                      lay.ngroups, lay.suffix, arr, kind, bad)
-        nbad = int(bad.sum())
-        if nbad:
-            first = int(np.flatnonzero(bad)[0])
-            raise CodecError(f"{nbad} of {lay.nblocks} ecco-eb blocks are corrupt (a code "
-                             f"stream does not end at its block's end; first bad block "
-                             f"{first})")
-        if target is not out:
-            out.copy_(target)
+        d0 = np.float64(c.arrays["params"][0])
+        decode_blocks_into(
+            out, lay.nblocks,
+            lambda arr, kind, bad: decode_blocks(c.arrays["data"], c.arrays["index"],
+                                                 lay.nblocks, KB, ZB, d0, sbase, mtab, l8,
+                                                 lay.length, lay.ngroups, lay.suffix, arr,
+                                                 kind, bad),
+            "ecco-eb blocks are corrupt: a code stream does not end at its block's end")

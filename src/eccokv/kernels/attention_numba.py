@@ -241,6 +241,72 @@ def _eb_views(ch, c):
 # ----------------------------------------------------------------------------- K side items
 
 
+@njit(inline="always", cache=True)
+def _k_clear(S, soff, T, R, ntok):
+    """S[soff + r*T : soff + r*T + ntok] = 0 for the R query rows."""
+    for r in range(R):
+        S[soff + r * T:soff + r * T + ntok] = _F0
+
+
+@njit(inline="always", cache=True)
+def _k_use4(lv, AB, gi, n, qf, qoff, d, R, D, S, soff, T, cB, ng):
+    """Scores from one decoded channel quad (channels d .. d+3) of token group gi, for
+    its n tokens: S[soff + r*T + gi*128 + k] += sum_c (q[r, c] * A_c) * level_c[k], and
+    the group's B terms sum_c q[r, c] * B_c into cB[r * ng + gi] (added once per token
+    by `_k_add_bias`). Levels at lv[gi * 512 + 128 c ...], A/B at AB[gi * 8 + 2 c ...]."""
+    q0 = np.uint64(gi * 4 * _G)
+    a8 = gi * 8
+    A0 = AB[a8]
+    A1 = AB[a8 + 2]
+    A2 = AB[a8 + 4]
+    A3 = AB[a8 + 6]
+    Bq = np.uint64(a8)
+    for r in range(R):
+        qo = qoff + r * D + d
+        q_0 = qf[qo]
+        q_1 = qf[qo + 1]
+        q_2 = qf[qo + 2]
+        q_3 = qf[qo + 3]
+        a0 = q_0 * A0
+        a1 = q_1 * A1
+        a2 = q_2 * A2
+        a3 = q_3 * A3
+        cB[r * ng + gi] += (q_0 * AB[Bq + np.uint64(1)] + q_1 * AB[Bq + np.uint64(3)]
+                            + q_2 * AB[Bq + np.uint64(5)] + q_3 * AB[Bq + np.uint64(7)])
+        so = np.uint64(soff + r * T + gi * _G)
+        for k in range(n):
+            uk = np.uint64(k)
+            S[so + uk] += ((a0 * lv[q0 + uk] + a1 * lv[q0 + np.uint64(_G) + uk])
+                           + (a2 * lv[q0 + np.uint64(2 * _G) + uk]
+                              + a3 * lv[q0 + np.uint64(3 * _G) + uk]))
+
+
+@njit(inline="always", cache=True)
+def _k_use1(lv, AB, gi, n, qf, qoff, d, R, D, S, soff, T, cB, ng):
+    """`_k_use4` for one decoded channel d (levels at lv[0 ...], A/B at AB[0], AB[1])."""
+    lv0 = lv[0:n]
+    for r in range(R):
+        qd = qf[qoff + r * D + d]
+        a0 = qd * AB[0]
+        cB[r * ng + gi] += qd * AB[1]
+        so = soff + r * T + gi * _G
+        srow = S[so:so + n]
+        for k in range(n):
+            srow[k] += a0 * lv0[k]
+
+
+@njit(inline="always", cache=True)
+def _k_add_bias(S, soff, T, R, ng, g0, Tc, cB):
+    """Add each token group's B terms cB[r * ng + gi] to its tokens' scores."""
+    for r in range(R):
+        for gi in range(ng):
+            so = soff + r * T + gi * _G
+            srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
+            c = cB[r * ng + gi]
+            for k in range(srow.shape[0]):
+                srow[k] += c
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, tsc):
     """Scores of token groups g0 .. g0+ng-1 of one Ecco chunk (Tc tokens, ngroups groups)
@@ -254,9 +320,7 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
     sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(ng * 8, np.float32)
     cB = np.zeros(R * ng, np.float32)
-    ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
-    for r in range(R):
-        S[soff + r * T:soff + r * T + ntok] = _F0
+    _k_clear(S, soff, T, R, min(Tc, (g0 + ng) * _G) - g0 * _G)
     nbad = 0
     d = 0
     while d + 4 <= D:
@@ -264,54 +328,16 @@ def _k_ecco_item(words, h, g0, ng, ngroups, Tc, D, qf, qoff, R, S, soff, T, t, t
             nbad += _quad(words, (h * D + d) * ngroups + g0 + gi, ngroups, t, tsc, sy, lv,
                           gi * 4 * _G, AB, gi * 4)
         for gi in range(ng):
-            n = min(_G, Tc - (g0 + gi) * _G)
-            q0 = np.uint64(gi * 4 * _G)
-            a8 = gi * 8
-            A0 = AB[a8]
-            A1 = AB[a8 + 2]
-            A2 = AB[a8 + 4]
-            A3 = AB[a8 + 6]
-            Bq = np.uint64(a8)
-            for r in range(R):
-                qo = qoff + r * D + d
-                q_0 = qf[qo]
-                q_1 = qf[qo + 1]
-                q_2 = qf[qo + 2]
-                q_3 = qf[qo + 3]
-                a0 = q_0 * A0
-                a1 = q_1 * A1
-                a2 = q_2 * A2
-                a3 = q_3 * A3
-                cB[r * ng + gi] += (q_0 * AB[Bq + np.uint64(1)] + q_1 * AB[Bq + np.uint64(3)]
-                                    + q_2 * AB[Bq + np.uint64(5)] + q_3 * AB[Bq + np.uint64(7)])
-                so = np.uint64(soff + r * T + gi * _G)
-                for k in range(n):
-                    uk = np.uint64(k)
-                    S[so + uk] += ((a0 * lv[q0 + uk] + a1 * lv[q0 + np.uint64(_G) + uk])
-                                   + (a2 * lv[q0 + np.uint64(2 * _G) + uk]
-                                      + a3 * lv[q0 + np.uint64(3 * _G) + uk]))
+            _k_use4(lv, AB, gi, min(_G, Tc - (g0 + gi) * _G), qf, qoff, d, R, D, S, soff, T,
+                    cB, ng)
         d += 4
     while d < D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
             nbad += decode1(words, (h * D + d) * ngroups + g0 + gi, t, tsc, sy, lv, 0, AB, 0)
-            lv0 = lv[0:n]
-            for r in range(R):
-                qd = qf[qoff + r * D + d]
-                a0 = qd * AB[0]
-                cB[r * ng + gi] += qd * AB[1]
-                so = soff + r * T + gi * _G
-                srow = S[so:so + n]
-                for k in range(n):
-                    srow[k] += a0 * lv0[k]
+            _k_use1(lv, AB, gi, n, qf, qoff, d, R, D, S, soff, T, cB, ng)
         d += 1
-    for r in range(R):
-        for gi in range(ng):
-            so = soff + r * T + gi * _G
-            srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
-            c = cB[r * ng + gi]
-            for k in range(srow.shape[0]):
-                srow[k] += c
+    _k_add_bias(S, soff, T, R, ng, g0, Tc, cB)
     return nbad
 
 
@@ -325,9 +351,7 @@ def _k_eb_item(words, ix, kb, zb, sb, mt, ln, h, g0, ng, ngroups, Tc, D, qf, qof
     sy = np.empty(4 * SYM_STRIDE, np.uint8)
     AB = np.empty(ng * 8, np.float32)
     cB = np.zeros(R * ng, np.float32)
-    ntok = min(Tc, (g0 + ng) * _G) - g0 * _G
-    for r in range(R):
-        S[soff + r * T:soff + r * T + ntok] = _F0
+    _k_clear(S, soff, T, R, min(Tc, (g0 + ng) * _G) - g0 * _G)
     nbad = 0
     d = 0
     LB = eb_core.LEN_BITS
@@ -352,55 +376,17 @@ def _k_eb_item(words, ix, kb, zb, sb, mt, ln, h, g0, ng, ngroups, Tc, D, qf, qof
                 l2 = eb_core.field(words, p2, LB)
                 l3 = eb_core.field(words, p3, LB)
         for gi in range(ng):
-            n = min(_G, Tc - (g0 + gi) * _G)
-            q0 = np.uint64(gi * 4 * _G)
-            a8 = gi * 8
-            A0 = AB[a8]
-            A1 = AB[a8 + 2]
-            A2 = AB[a8 + 4]
-            A3 = AB[a8 + 6]
-            Bq = np.uint64(a8)
-            for r in range(R):
-                qo = qoff + r * D + d
-                q_0 = qf[qo]
-                q_1 = qf[qo + 1]
-                q_2 = qf[qo + 2]
-                q_3 = qf[qo + 3]
-                a0 = q_0 * A0
-                a1 = q_1 * A1
-                a2 = q_2 * A2
-                a3 = q_3 * A3
-                cB[r * ng + gi] += (q_0 * AB[Bq + np.uint64(1)] + q_1 * AB[Bq + np.uint64(3)]
-                                    + q_2 * AB[Bq + np.uint64(5)] + q_3 * AB[Bq + np.uint64(7)])
-                so = np.uint64(soff + r * T + gi * _G)
-                for k in range(n):
-                    uk = np.uint64(k)
-                    S[so + uk] += ((a0 * lv[q0 + uk] + a1 * lv[q0 + np.uint64(_G) + uk])
-                                   + (a2 * lv[q0 + np.uint64(2 * _G) + uk]
-                                      + a3 * lv[q0 + np.uint64(3 * _G) + uk]))
+            _k_use4(lv, AB, gi, min(_G, Tc - (g0 + gi) * _G), qf, qoff, d, R, D, S, soff, T,
+                    cB, ng)
         d += 4
     while d < D:
         for gi in range(ng):
             n = min(_G, Tc - (g0 + gi) * _G)
             nbad += eb_core.decode1(words, ix, (h * D + d) * ngroups + g0 + gi, n, kb, zb, d0,
                                     sb, mt, ln, sy, lv, 0, AB, 0)
-            lv0 = lv[0:n]
-            for r in range(R):
-                qd = qf[qoff + r * D + d]
-                a0 = qd * AB[0]
-                cB[r * ng + gi] += qd * AB[1]
-                so = soff + r * T + gi * _G
-                srow = S[so:so + n]
-                for k in range(n):
-                    srow[k] += a0 * lv0[k]
+            _k_use1(lv, AB, gi, n, qf, qoff, d, R, D, S, soff, T, cB, ng)
         d += 1
-    for r in range(R):
-        for gi in range(ng):
-            so = soff + r * T + gi * _G
-            srow = S[so:so + min(_G, Tc - (g0 + gi) * _G)]
-            c = cB[r * ng + gi]
-            for k in range(srow.shape[0]):
-                srow[k] += c
+    _k_add_bias(S, soff, T, R, ng, g0, Tc, cB)
     return nbad
 
 
@@ -622,6 +608,55 @@ def k_phase(kind, t, G, bits, ch, tsc, it_c, it_h,
 # ----------------------------------------------------------------------------- V side items
 
 
+@njit(inline="always", cache=True)
+def _v_psums(P, tb, T, R, n, psum):
+    """psum[r] = sum of P[tb + r*T : tb + r*T + n] (a token group's probabilities)."""
+    for r in range(R):
+        prow = P[tb + r * T:tb + r * T + n]
+        x = _F0
+        for k in range(n):
+            x += prow[k]
+        psum[r] = x
+
+
+@njit(inline="always", cache=True)
+def _v_use4(P, tb, T, R, n, lv, AB, acc, w, j, psum):
+    """p.V from one decoded channel quad of a token group (n tokens, probabilities at
+    P[tb + r*T ...], levels at lv[128 c ...], A/B at AB[2 c ...]): acc[r*w + j + c] +=
+    A_c * (p . levels_c) + B_c * psum[r]."""
+    for r in range(R):
+        pb = np.uint64(tb + r * T)
+        x0 = _F0
+        x1 = _F0
+        x2 = _F0
+        x3 = _F0
+        for k in range(n):
+            uk = np.uint64(k)
+            pt = P[pb + uk]
+            x0 += pt * lv[uk]
+            x1 += pt * lv[np.uint64(_G) + uk]
+            x2 += pt * lv[np.uint64(2 * _G) + uk]
+            x3 += pt * lv[np.uint64(3 * _G) + uk]
+        ao = r * w + j
+        pr = psum[r]
+        acc[ao] += AB[0] * x0 + AB[1] * pr
+        acc[ao + 1] += AB[2] * x1 + AB[3] * pr
+        acc[ao + 2] += AB[4] * x2 + AB[5] * pr
+        acc[ao + 3] += AB[6] * x3 + AB[7] * pr
+
+
+@njit(inline="always", cache=True)
+def _v_use1(P, tb, T, R, n, lv, AB, acc, w, j, psum):
+    """`_v_use4` for one decoded channel (levels at lv[0 ...], A/B at AB[0], AB[1])."""
+    lv0 = lv[0:n]
+    for r in range(R):
+        prow = P[tb + r * T:tb + r * T + n]
+        x0 = _F0
+        for k in range(n):
+            x0 += prow[k] * lv0[k]
+        acc[r * w + j] += AB[0] * x0 + AB[1] * psum[r]
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum, t, tsc):
     """acc[r, d - d0] += sum_t p[r, t] * V[t, d] over token groups g0 .. g1-1 of one Ecco
@@ -636,44 +671,15 @@ def _v_ecco_chunk(words, Tc, t0c, g0, g1, h, d0, d1, D, P, poff, R, T, acc, psum
     for g in range(g0, g1):
         n = min(_G, Tc - g * _G)
         tb = poff + t0c + g * _G
-        lv0 = lv[0:n]
-        for r in range(R):
-            prow = P[tb + r * T:tb + r * T + n]
-            x = _F0
-            for k in range(n):
-                x += prow[k]
-            psum[r] = x
+        _v_psums(P, tb, T, R, n, psum)
         d = d0
         while d + 4 <= d1:
             nbad += _quad(words, (h * D + d) * ngroups + g, ngroups, t, tsc, sy, lv, 0, AB, 0)
-            for r in range(R):
-                pb = np.uint64(tb + r * T)
-                x0 = _F0
-                x1 = _F0
-                x2 = _F0
-                x3 = _F0
-                for k in range(n):
-                    uk = np.uint64(k)
-                    pt = P[pb + uk]
-                    x0 += pt * lv[uk]
-                    x1 += pt * lv[np.uint64(_G) + uk]
-                    x2 += pt * lv[np.uint64(2 * _G) + uk]
-                    x3 += pt * lv[np.uint64(3 * _G) + uk]
-                ao = r * w + d - d0
-                pr = psum[r]
-                acc[ao] += AB[0] * x0 + AB[1] * pr
-                acc[ao + 1] += AB[2] * x1 + AB[3] * pr
-                acc[ao + 2] += AB[4] * x2 + AB[5] * pr
-                acc[ao + 3] += AB[6] * x3 + AB[7] * pr
+            _v_use4(P, tb, T, R, n, lv, AB, acc, w, d - d0, psum)
             d += 4
         while d < d1:
             nbad += decode1(words, (h * D + d) * ngroups + g, t, tsc, sy, lv, 0, AB, 0)
-            for r in range(R):
-                prow = P[tb + r * T:tb + r * T + n]
-                x0 = _F0
-                for k in range(n):
-                    x0 += prow[k] * lv0[k]
-                acc[r * w + d - d0] += AB[0] * x0 + AB[1] * psum[r]
+            _v_use1(P, tb, T, R, n, lv, AB, acc, w, d - d0, psum)
             d += 1
     return nbad
 
@@ -701,48 +707,19 @@ def _v_eb_chunk(words, ix, kb, zb, sb, mt, ln, Tc, t0c, g0, g1, h, d0, d1, D, P,
                 rl[j] = eb_core.field(words, rp[j], eb_core.LEN_BITS)
         n = min(_G, Tc - g * _G)
         tb = poff + t0c + g * _G
-        lv0 = lv[0:n]
-        for r in range(R):
-            prow = P[tb + r * T:tb + r * T + n]
-            x = _F0
-            for k in range(n):
-                x += prow[k]
-            psum[r] = x
+        _v_psums(P, tb, T, R, n, psum)
         d = d0
         while d + 4 <= d1:
             j = d - d0
             nbad += eb_core.decode4_at(words, rp[j], rl[j], rp[j + 1], rl[j + 1], rp[j + 2],
                                        rl[j + 2], rp[j + 3], rl[j + 3], n, kb, zb, st, sb, mt,
                                        ln, sy, lv, 0, AB, 0)
-            for r in range(R):
-                pb = np.uint64(tb + r * T)
-                x0 = _F0
-                x1 = _F0
-                x2 = _F0
-                x3 = _F0
-                for k in range(n):
-                    uk = np.uint64(k)
-                    pt = P[pb + uk]
-                    x0 += pt * lv[uk]
-                    x1 += pt * lv[np.uint64(_G) + uk]
-                    x2 += pt * lv[np.uint64(2 * _G) + uk]
-                    x3 += pt * lv[np.uint64(3 * _G) + uk]
-                ao = r * w + d - d0
-                pr = psum[r]
-                acc[ao] += AB[0] * x0 + AB[1] * pr
-                acc[ao + 1] += AB[2] * x1 + AB[3] * pr
-                acc[ao + 2] += AB[4] * x2 + AB[5] * pr
-                acc[ao + 3] += AB[6] * x3 + AB[7] * pr
+            _v_use4(P, tb, T, R, n, lv, AB, acc, w, d - d0, psum)
             d += 4
         while d < d1:
             nbad += eb_core.decode1_at(words, rp[d - d0], rl[d - d0], n, kb, zb, st, sb, mt,
                                        ln, sy, lv, 0, AB, 0)
-            for r in range(R):
-                prow = P[tb + r * T:tb + r * T + n]
-                x0 = _F0
-                for k in range(n):
-                    x0 += prow[k] * lv0[k]
-                acc[r * w + d - d0] += AB[0] * x0 + AB[1] * psum[r]
+            _v_use1(P, tb, T, R, n, lv, AB, acc, w, d - d0, psum)
             d += 1
     return nbad
 

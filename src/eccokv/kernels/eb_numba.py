@@ -29,7 +29,7 @@ from eccokv.kernels.eb_core import (
     field,
 )
 from eccokv.kernels.ecco_core import SYM_STRIDE
-from eccokv.kernels.ecco_numba import _put, _store_rows
+from eccokv.kernels.ecco_numba import _put, _store_rows, tile_plan, tile_rows
 
 ZMAX = 1 << 30  # |z| beyond this: the block is stored exact
 CONST_BITS = 1 + 32
@@ -260,8 +260,6 @@ def check_blocks(words, index, nb, ngroups, nvalid_last, KB, ZB):
     return -1
 
 
-_RUNS = 64
-
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def decode_blocks(words, index, nb, KB, ZB, d0, sbase, mtab, lens, length, ngroups, suffix,
@@ -270,27 +268,13 @@ def decode_blocks(words, index, nb, KB, ZB, d0, sbase, mtab, lens, length, ngrou
     else the uint16 bits of bf16 (1) / fp16 (2)) in the grouping layout, as Ecco's
     `decode_blocks` does: tiles of up to 16 rows at one group, four blocks at a time
     through the format's decode core. bad (nb,) uint8: 1 for corrupt blocks."""
-    nrows = nb // ngroups
-    TR = 16 if suffix > 1 else 4
-    tiles_per = (suffix + TR - 1) // TR if suffix > 1 else (nrows + TR - 1) // TR
-    nblocks_rows = nrows // suffix if suffix > 1 else 1
-    ntiles = tiles_per * nblocks_rows * ngroups
-    nrun = min(ntiles, _RUNS)
-    per = (ntiles + nrun - 1) // max(nrun, 1)
+    nrows, TR, tiles_per, ntiles, nrun, per = tile_plan(nb, ngroups, suffix)
     for ru in prange(nrun):
         sy = np.empty(4 * SYM_STRIDE, np.uint8)
         lv = np.empty(TR * G, np.float32)
         AB = np.empty(2 * TR, np.float32)
         for it in range(ru * per, min(ntiles, ru * per + per)):
-            gi = it % ngroups
-            rt = it // ngroups
-            if suffix > 1:
-                pr = rt // tiles_per
-                m0 = pr * suffix + (rt - pr * tiles_per) * TR
-                m1 = min(pr * suffix + suffix, m0 + TR)
-            else:
-                m0 = rt * TR
-                m1 = min(nrows, m0 + TR)
+            gi, m0, m1 = tile_rows(it, ngroups, tiles_per, suffix, TR, nrows)
             n = min(G, length - gi * G)
             i = 0
             while i < m1 - m0:

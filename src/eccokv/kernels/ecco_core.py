@@ -344,7 +344,10 @@ def symbols4_at(words, bb0, bb1, bb2, bb3, c0, c1, c2, c3, BB0, BB1, BB2, BB3, t
     positions (> BBi: corrupt). This is `symbols4` for blocks of variable size and
     length (ecco-eb); Ecco's fixed-size blocks keep their own copy: routing them through
     this general form slowed the fused ecco4 step by 6-10% here (llama3-8b layer, 4K).
-    A change to the multi-symbol entries must be made in both."""
+    Sharing only the refill loop and the tail as inlined helpers cost the fused ecco4
+    step 10-30% (2026-12-02, smollm2 and llama3-8b layers at 4K and 32K, 1 and 2
+    threads; plain decoding did not change), so the copy stays: a change to the
+    multi-symbol entries must be made in both."""
     j0 = 0
     j1 = SYM_STRIDE
     j2 = 2 * SYM_STRIDE

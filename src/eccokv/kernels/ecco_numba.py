@@ -446,10 +446,31 @@ def _store_rows(lv, AB, nblk, m0, gi, length, ngroups, suffix, out, kind):
 _RUNS = 64  # work runs of decode_blocks (8 per thread up to 8 threads)
 
 
-@njit(inline="always", cache=True, error_model="numpy")
-def _decode_tile(words, it, ngroups, tiles_per, suffix, TR, nrows, t, tsc, length, out, kind,
-                 bad, sy, lv, AB):
-    """Tile `it` of `decode_blocks`: up to TR rows at one group, decoded then stored."""
+@njit(inline="always", cache=True)
+def tile_plan(nb, ngroups, suffix):
+    """Work plan of a block decoder over nb blocks (`decode_blocks`, and ecco-eb's):
+    tiles of up to TR rows at one group (TR = 16 when suffix > 1, so the stores of a
+    tile fill whole cache lines, else 4), split into nrun runs of `per` tiles. Returns
+    (nrows, TR, tiles_per, ntiles, nrun, per)."""
+    nrows = nb // ngroups
+    TR = 16
+    if suffix == 1:
+        TR = 4
+    # tiles never cross a row block of `suffix` rows (their outputs are then contiguous)
+    tiles_per = (suffix + TR - 1) // TR if suffix > 1 else (nrows + TR - 1) // TR
+    nblocks_rows = nrows // suffix if suffix > 1 else 1
+    ntiles = tiles_per * nblocks_rows * ngroups
+    # tiles in at most _RUNS runs, so the scratch buffers are allocated once per run (an
+    # allocation per 4-block tile cost ~25% of the decode time; numba.get_num_threads()
+    # here would make the function uncachable)
+    nrun = min(ntiles, _RUNS)
+    per = (ntiles + nrun - 1) // max(nrun, 1)
+    return nrows, TR, tiles_per, ntiles, nrun, per
+
+
+@njit(inline="always", cache=True)
+def tile_rows(it, ngroups, tiles_per, suffix, TR, nrows):
+    """Tile `it` of `tile_plan`: its group gi and rows m0 .. m1-1."""
     gi = it % ngroups
     rt = it // ngroups
     if suffix > 1:
@@ -459,6 +480,14 @@ def _decode_tile(words, it, ngroups, tiles_per, suffix, TR, nrows, t, tsc, lengt
     else:
         m0 = rt * TR
         m1 = min(nrows, m0 + TR)
+    return gi, m0, m1
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _decode_tile(words, it, ngroups, tiles_per, suffix, TR, nrows, t, tsc, length, out, kind,
+                 bad, sy, lv, AB):
+    """Tile `it` of `decode_blocks`: up to TR rows at one group, decoded then stored."""
+    gi, m0, m1 = tile_rows(it, ngroups, tiles_per, suffix, TR, nrows)
     i = 0
     while i < m1 - m0:
         b = (m0 + i) * ngroups + gi
@@ -485,19 +514,7 @@ def decode_blocks(words, nb, t, tsc, length, ngroups, suffix, out, kind, bad):
     channels of one token group when suffix > 1, so stores fill whole cache lines),
     decoded four blocks at a time by the shared core. bad (nb,) uint8: 1 for corrupt
     blocks (code stream overruns; nothing else is read past)."""
-    nrows = nb // ngroups
-    TR = 16
-    if suffix == 1:
-        TR = 4
-    # tiles never cross a row block of `suffix` rows (their outputs are then contiguous)
-    tiles_per = (suffix + TR - 1) // TR if suffix > 1 else (nrows + TR - 1) // TR
-    nblocks_rows = nrows // suffix if suffix > 1 else 1
-    ntiles = tiles_per * nblocks_rows * ngroups
-    # tiles in at most _RUNS runs, so the scratch buffers are allocated once per run (an
-    # allocation per 4-block tile cost ~25% of the decode time; numba.get_num_threads()
-    # here would make the function uncachable)
-    nrun = min(ntiles, _RUNS)
-    per = (ntiles + nrun - 1) // max(nrun, 1)
+    nrows, TR, tiles_per, ntiles, nrun, per = tile_plan(nb, ngroups, suffix)
     for ru in prange(nrun):
         sy = np.empty(4 * SYM_STRIDE, np.uint8)
         lv = np.empty(TR * G, np.float32)
