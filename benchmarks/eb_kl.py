@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             row = res[r][n]
             kl = np.asarray(row["kl"])
             nll = np.asarray(row["nll"])
-            rel = (np.exp(nll.mean() - ref_nll.mean()) - 1) * 100
+            rel = E.paired_rel_change(nll, ref_nll)["rel_change_pct"]
             out = {"name": n, "bits_per_value": row["bits"]["compressed_bits_per_value"],
                    "kl_mean": float(kl.mean()), "kl_ci": boot(kl),
                    "top1": float(np.mean(row["top1"])), "ppl_change_pct": float(rel),

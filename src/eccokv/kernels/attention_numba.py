@@ -736,12 +736,7 @@ def _v_int_tok_chunk(codes, sc16, sc32, z16, z32, is32, bits, G, Tc, t0c, g0, g1
         n = min(G, Tc - tl)
         tb = poff + t0c + tl
         bs = buf[:n]
-        for r in range(R):
-            prow = P[tb + r * T:tb + r * T + n]
-            x = _F0
-            for t in range(n):
-                x += prow[t]
-            psum[r] = x
+        _v_psums(P, tb, T, R, n, psum)
         for d in range(d0, d1):
             m = h * D + d
             b = m * ngroups + g
